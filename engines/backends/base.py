@@ -1,0 +1,131 @@
+"""The interface every backend implements (Triton's lifecycle, with types), and `Device`.
+
+A backend class is constructed with a `ModelConfig`, then `load`-ed from one version
+folder, `warmup`-ed (it is not ready until that returns), asked to `infer` any number of
+times, and `close`-d. The repository picks the first backend of the config's preference
+list that has its artifact in the version folder and can run on the device
+(`artifact_path`, `unavailable_reason`); `engines.model.Model` validates inputs and splits
+batches, so `infer` only ever sees batches of at most `max_batch_size`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+
+import numpy as np
+
+from engines.errors import BackendUnavailableError
+
+if TYPE_CHECKING:
+    from engines.config import ModelConfig, TensorSpec
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a model runs.
+
+    Attributes:
+        kind: ``auto`` (a GPU where the backend can use one, else the CPU), ``cpu``, or
+            ``cuda`` (a GPU is required).
+        index: The CUDA device index, for ``cuda`` (and ``auto`` when it picks a GPU).
+    """
+
+    kind: Literal["auto", "cpu", "cuda"] = "auto"
+    index: int = 0
+
+    @classmethod
+    def parse(cls, value: str | Device) -> Device:
+        """Parses ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+        Raises:
+            BackendUnavailableError: `value` names no device papscan knows.
+        """
+        if isinstance(value, Device):
+            return value
+        match = re.fullmatch(r"(auto|cpu|cuda)(?::([0-9]+))?", str(value).strip().lower())
+        if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
+            raise BackendUnavailableError(
+                f"device {value!r} is not one of auto, cpu, cuda or cuda:N"
+            )
+        return cls(kind=match.group(1), index=int(match.group(2) or 0))  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"cuda:{self.index}" if self.kind == "cuda" else self.kind
+
+
+class Backend(Protocol):
+    """One runtime for one model version.
+
+    Attributes:
+        name: Key of the backend in `engines.backends.BACKENDS` and in `config.yaml`.
+        artifact_name: The file this backend loads from a version folder.
+        config: The model's config, frozen, parsed once from `config.yaml`.
+    """
+
+    name: ClassVar[str]
+    artifact_name: ClassVar[str]
+    config: ModelConfig
+
+    def __init__(self, config: ModelConfig) -> None: ...
+
+    @classmethod
+    def unavailable_reason(cls, device: Device) -> str | None:
+        """Why this backend cannot run on `device` here (a short phrase), or None if it can.
+
+        Must not start a device or load a model: it is asked of every backend in the
+        preference list.
+        """
+        ...
+
+    def load(self, version_dir: Path, device: Device) -> None:
+        """Loads `version_dir / artifact_name` onto `device`.
+
+        Raises:
+            ModelLoadError: The artifact is corrupt or does not match the config.
+            BackendUnavailableError: The runtime or the device is missing.
+        """
+        ...
+
+    def warmup(self) -> None:
+        """Runs inference on zeros at batch sizes 1 and `max_batch_size`; ready after."""
+        ...
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs one batch of validated inputs; returns every output of the config by name."""
+        ...
+
+    def close(self) -> None:
+        """Frees the runtime's memory; the backend cannot infer afterwards."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What runs the model: backend, device/providers, runtime version, artifact."""
+        ...
+
+
+def warmup_batch_sizes(config: ModelConfig) -> list[int | None]:
+    """Batch sizes a warm-up runs: 1 and `max_batch_size`, or None for an unbatched model."""
+    if not config.is_batched:
+        return [None]
+    return sorted({1, config.max_batch_size})
+
+
+def zeros_like_spec(config: ModelConfig, spec: TensorSpec, batch_size: int | None) -> np.ndarray:
+    """An all-zero input for `spec`: dynamic dims become 1, or the image size for input[0].
+
+    Args:
+        config: The model's config (its `preprocessing` sizes the image input).
+        spec: One of `config.inputs`.
+        batch_size: The batch dimension, or None for an unbatched model.
+    """
+    shape = list(config.full_shape(spec, batch_size))
+    pre = config.preprocessing
+    if pre is not None and spec is config.inputs[0]:
+        width, height = pre.input_size
+        # The config check guarantees the last three dims agree with these (or are -1).
+        shape[-3:] = [3, height, width] if pre.layout == "NCHW" else [height, width, 3]
+    return np.zeros([1 if d == -1 else d for d in shape], dtype=spec.dtype)

@@ -22,3 +22,15 @@ class TransientError(PapscanError):
 
 class DatabaseUnavailableError(TransientError):
     """The results database cannot be reached or opened."""
+
+
+class DatabaseConfigError(PapscanError):
+    """The results database URL itself is wrong (syntax, unknown driver): fix it, do not retry."""
+
+
+class ScanNotFoundError(PapscanError, LookupError):
+    """No scan matches what the user asked for (a scan id, a slide path or fingerprint)."""
+
+
+class SettingsError(PapscanError, ValueError):
+    """A `PAPSCAN_*` environment variable holds a value papscan cannot use."""

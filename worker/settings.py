@@ -1,0 +1,99 @@
+"""papscan's settings: one frozen object read from `PAPSCAN_*` environment variables.
+
+Every setting has a default that works on a laptop (SQLite in the user's data folder, the
+model repository shipped in `engines/repository`, Redis on localhost). Reading the
+settings touches nothing on disk: the SQLite folder is created by the database layer
+when it is first used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from platformdirs import user_data_dir
+
+from worker.errors import SettingsError
+
+__all__ = ["Settings", "SettingsError", "default_db_url", "get_settings"]
+
+_DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+_DEFAULT_READ_AHEAD = 4
+_DEFAULT_INTRA_OP_THREADS = 0
+_DEFAULT_DB_CHUNK_ROIS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """papscan's configuration.
+
+    Attributes:
+        db_url: SQLAlchemy URL of the results database (`PAPSCAN_DB_URL`); default a SQLite
+            file `papscan.db` in the user's data folder.
+        models_dir: model repository folder (`PAPSCAN_MODELS`); None means the repository
+            shipped inside `engines`.
+        broker_url: Celery broker URL (`PAPSCAN_BROKER_URL`).
+        read_ahead: ROIs read and decoded ahead of inference (`PAPSCAN_READ_AHEAD`), >= 1.
+        intra_op_threads: threads per inference runtime op (`PAPSCAN_INTRA_OP_THREADS`);
+            0 leaves the runtime's default.
+        db_chunk_rois: ROIs written per database transaction (`PAPSCAN_DB_CHUNK_ROIS`), >= 1.
+    """
+
+    db_url: str
+    models_dir: Path | None = None
+    broker_url: str = _DEFAULT_BROKER_URL
+    read_ahead: int = _DEFAULT_READ_AHEAD
+    intra_op_threads: int = _DEFAULT_INTRA_OP_THREADS
+    db_chunk_rois: int = _DEFAULT_DB_CHUNK_ROIS
+
+
+def default_db_url() -> str:
+    """Return the URL of the default SQLite database (the file need not exist yet)."""
+    path = Path(user_data_dir("papscan", appauthor=False)) / "papscan.db"
+    return f"sqlite:///{path.as_posix()}"
+
+
+def get_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings from the environment.
+
+    Not cached: reading is cheap, and tests and the CLI may change the environment.
+    An empty variable counts as unset.
+
+    Args:
+        env: variables to read; default `os.environ`.
+
+    Returns:
+        The settings.
+
+    Raises:
+        SettingsError: a variable holds a value papscan cannot use.
+    """
+    env = os.environ if env is None else env
+
+    def text(name: str) -> str | None:
+        value = env.get(name, "").strip()
+        return value or None
+
+    def integer(name: str, default: int, minimum: int) -> int:
+        raw = text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be an integer >= {minimum}, not {raw!r}.") from None
+        if value < minimum:
+            raise SettingsError(f"{name} must be an integer >= {minimum}, not {raw!r}.")
+        return value
+
+    models = text("PAPSCAN_MODELS")
+    return Settings(
+        db_url=text("PAPSCAN_DB_URL") or default_db_url(),
+        models_dir=Path(models).expanduser() if models else None,
+        broker_url=text("PAPSCAN_BROKER_URL") or _DEFAULT_BROKER_URL,
+        read_ahead=integer("PAPSCAN_READ_AHEAD", _DEFAULT_READ_AHEAD, 1),
+        intra_op_threads=integer("PAPSCAN_INTRA_OP_THREADS", _DEFAULT_INTRA_OP_THREADS, 0),
+        db_chunk_rois=integer("PAPSCAN_DB_CHUNK_ROIS", _DEFAULT_DB_CHUNK_ROIS, 1),
+    )

@@ -1,0 +1,184 @@
+"""`open_slide`: what it accepts, the one sentence for each file it refuses, level choice.
+
+Real OpenSlide on small generated TIFFs, and the real Aperio file in ../shared/data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import tifffile
+
+from worker.errors import SlideOpenError
+from worker.slide import SlideInfo, level_for_mpp, open_slide
+
+
+def one_sentence(message: str) -> bool:
+    return "\n" not in message and message.endswith(".") and "Traceback" not in message
+
+
+@pytest.fixture(scope="module")
+def good_tiff(tmp_path_factory, make_tiff, make_cells_image) -> Path:
+    path = tmp_path_factory.mktemp("slides") / "good.tiff"
+    return make_tiff(path, make_cells_image(1200, 900, seed=1), mpp=0.5, levels=3)
+
+
+def refusal(path, **kwargs) -> str:
+    with pytest.raises(SlideOpenError) as info:
+        open_slide(path, **kwargs)
+    message = str(info.value)
+    assert one_sentence(message), message
+    return message
+
+
+def test_good_tiff_opens_with_its_geometry(good_tiff: Path) -> None:
+    with open_slide(good_tiff) as slide:
+        info = slide.info
+        assert info.vendor == "generic-tiff"
+        assert (info.width, info.height) == (1200, 900)
+        assert info.mpp_x == pytest.approx(0.5) and info.mpp_y == pytest.approx(0.5)
+        assert info.level_count == 3
+        assert info.level_dimensions == ((1200, 900), (600, 450), (300, 225))
+        assert info.level_downsamples == (1.0, 2.0, 4.0)
+        assert re.fullmatch(r"[0-9a-f]{64}", info.fingerprint)
+        assert info.path == good_tiff.absolute()
+        region = slide.read_region((0, 0), 1, (50, 40))
+        assert region.shape == (40, 50, 3) and region.dtype.name == "uint8"
+        # Outside the slide reads as white.
+        assert (slide.read_region((1190, 890), 0, (30, 30))[15:, 15:] == 255).all()
+
+
+def test_fingerprint_does_not_depend_on_the_path(good_tiff: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "renamed.tif"
+    copy.write_bytes(good_tiff.read_bytes())
+    with open_slide(good_tiff) as a, open_slide(copy) as b:
+        assert a.info.fingerprint == b.info.fingerprint
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    assert "does not exist" in refusal(tmp_path / "nope.svs")
+
+
+def test_directory(tmp_path: Path) -> None:
+    assert "is a directory" in refusal(tmp_path)
+
+
+def test_unsupported_format_names_the_supported_ones(tmp_path: Path) -> None:
+    path = tmp_path / "slide.kfb"
+    path.write_bytes(os.urandom(20000))
+    message = refusal(path)
+    assert ".kfb files are not supported" in message
+    assert "Aperio .svs" in message and "DICOM" in message and "MIRAX" in message
+
+
+def test_text_file_named_svs_is_not_a_slide(tmp_path: Path) -> None:
+    path = tmp_path / "notes.svs"
+    path.write_text("patient notes, not a slide\n" * 50)
+    assert "is not a slide" in refusal(path)
+
+
+def test_stripped_tiff_is_not_a_whole_slide_image(tmp_path: Path, make_cells_image) -> None:
+    path = tmp_path / "photo.tif"
+    tifffile.imwrite(path, make_cells_image(300, 200), photometric="rgb")
+    assert "not a tiled whole-slide image" in refusal(path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.995])
+def test_truncated_tiff(tmp_path: Path, good_tiff: Path, keep: float) -> None:
+    data = good_tiff.read_bytes()
+    path = tmp_path / "cut.tiff"
+    path.write_bytes(data[: int(len(data) * keep)])
+    assert "is truncated or corrupt" in refusal(path)
+
+
+def test_damaged_last_tile_is_found_at_open(tmp_path: Path, good_tiff: Path) -> None:
+    """OpenSlide opens this file (its quick hash reads only the smallest level), so the
+    probe read of level 0's last tile must catch it, not a scan hours later."""
+    data = bytearray(good_tiff.read_bytes())
+    with tifffile.TiffFile(good_tiff) as tif:
+        page = tif.pages[0]
+        offset, count = page.dataoffsets[-1], page.databytecounts[-1]
+    data[offset : offset + count] = bytes(count)
+    path = tmp_path / "damaged.tiff"
+    path.write_bytes(bytes(data))
+    assert "is truncated or corrupt" in refusal(path)
+
+
+def test_no_mpp_needs_an_override(tmp_path: Path, make_tiff, make_cells_image) -> None:
+    path = make_tiff(tmp_path / "nompp.tiff", make_cells_image(600, 400), mpp=None)
+    message = refusal(path)
+    assert message.endswith("has no microns-per-pixel; pass --mpp.")
+    with open_slide(path, mpp=0.25) as slide:
+        assert (slide.info.mpp_x, slide.info.mpp_y) == (0.25, 0.25)
+
+
+def test_mpp_override_wins_and_must_be_positive(good_tiff: Path) -> None:
+    with open_slide(good_tiff, mpp=0.3) as slide:
+        assert slide.info.mpp == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        open_slide(good_tiff, mpp=0)
+
+
+def test_real_aperio_svs(shared_data: Path) -> None:
+    path = shared_data / "wsi" / "CMU-1-Small-Region.svs"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    with open_slide(path) as slide:
+        info = slide.info
+    assert info.vendor == "aperio"
+    assert info.mpp_x == pytest.approx(0.499, abs=1e-3)
+    assert (info.width, info.height) == (2220, 2967)
+    assert info.fingerprint == "6335ea0e6cc54c2cba64bb265d3c713a50cd84484924e3a9c109558c13521d5c"
+
+
+def fake_info(mpp: float = 0.5, downsamples: tuple[float, ...] = (1.0, 2.0, 4.0)) -> SlideInfo:
+    dims = tuple((int(8000 / d), int(6000 / d)) for d in downsamples)
+    return SlideInfo(
+        path=Path("/fake.tiff"), fingerprint="x", vendor="generic-tiff", width=8000,
+        height=6000, mpp_x=mpp, mpp_y=mpp, level_count=len(downsamples),
+        level_dimensions=dims, level_downsamples=downsamples,
+    )
+
+
+@pytest.mark.parametrize(
+    ("slide_mpp", "target", "level", "scale"),
+    [
+        # levels at downsample 1, 2, 4
+        (0.5, 0.5, 0, 1.0),
+        (0.5, 1.0, 1, 1.0),
+        (0.5, 2.0, 2, 1.0),
+        (0.5, 8.0, 2, 4.0),      # coarser than every level: shrink the coarsest
+        (0.5, 0.52, 0, 1.0),     # within 10 %: read as is
+        (0.5, 1.05, 1, 1.0),
+        (0.5, 0.7, 0, 1.4),      # between levels: the finer one, shrunk
+        (0.5, 1.5, 1, 1.5),
+        (0.5, 0.25, 0, 0.5),     # finer than level 0: enlarge
+        (0.499, 0.5, 0, 1.0),
+        (0.25, 0.5, 1, 1.0),
+        (0.25, 1.0, 2, 1.0),
+    ],
+)
+def test_level_for_mpp(slide_mpp: float, target: float, level: int, scale: float) -> None:
+    choice = level_for_mpp(fake_info(slide_mpp), target)
+    assert choice.level == level
+    assert choice.scale == pytest.approx(scale)
+    assert choice.l0_per_px == pytest.approx(scale * choice.downsample)
+
+
+def test_level_for_mpp_between_sparse_levels() -> None:
+    # A 40x scan with levels at downsample 1, 4, 16: 0.5 mpp is level 0 shrunk by 2.
+    choice = level_for_mpp(fake_info(0.25, (1.0, 4.0, 16.0)), 0.5)
+    assert (choice.level, choice.scale, choice.l0_per_px) == (0, 2.0, 2.0)
+    # Slightly uneven downsamples (Aperio) still count as the level within tolerance.
+    choice = level_for_mpp(fake_info(0.25, (1.0, 4.000133, 16.0019)), 1.0)
+    assert (choice.level, choice.scale) == (1, 1.0)
+
+
+def test_level_for_mpp_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        level_for_mpp(fake_info(), 0)
+    with pytest.raises(ValueError):
+        level_for_mpp(fake_info(), 0.5, tolerance=-1)

@@ -1,0 +1,408 @@
+"""Slide access through OpenSlide: open, describe, check, read regions.
+
+`open_slide` is the one door to a slide file. It refuses, with one sentence, anything
+papscan cannot scan to the end: a missing path, a directory, a format OpenSlide does not
+know, a file that is not what its extension says, a truncated or corrupt file, a slide
+without microns per pixel (mpp). Damage is looked for at open time (the TIFF structure
+and a probe read of each level's last tile), not found halfway through an overnight scan.
+
+Frames: `l0_` level-0 pixels, `lvl_` pixels of a pyramid level. Sizes are (width, height).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import openslide
+
+from worker.errors import SlideOpenError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_FORMATS = (
+    "Aperio .svs, generic tiled TIFF, Hamamatsu .ndpi/.vms/.vmu, Leica .scn, MIRAX .mrxs, "
+    "Philips TIFF, Sakura .svslide, Ventana .bif, Zeiss .czi and DICOM"
+)
+
+# Extensions that promise a slide: a file with one of these that OpenSlide cannot place
+# is "not a slide" rather than "a format we do not support".
+SLIDE_SUFFIXES = frozenset(
+    {
+        ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
+        ".svslide", ".bif", ".czi", ".dcm",
+    }
+)
+
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_HASH_HEAD_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class SlideInfo:
+    """What papscan knows about an opened slide.
+
+    Attributes:
+        path: the slide file, absolute.
+        fingerprint: `openslide.quickhash-1`, or `sha256:` + a hash of the properties and
+            the first MiB of the file for formats without one; identifies the slide
+            whatever its path.
+        vendor: OpenSlide's format name (`aperio`, `generic-tiff`, ...).
+        width, height: level-0 size in pixels.
+        mpp_x, mpp_y: microns per level-0 pixel (from the file, or the caller's override).
+        level_count: number of pyramid levels.
+        level_dimensions: (width, height) of each level, in that level's pixels.
+        level_downsamples: level-0 pixels per level pixel, per level.
+    """
+
+    path: Path
+    fingerprint: str
+    vendor: str
+    width: int
+    height: int
+    mpp_x: float
+    mpp_y: float
+    level_count: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+
+    @property
+    def mpp(self) -> float:
+        """Mean microns per level-0 pixel (slides have square pixels to < 1 %)."""
+        return (self.mpp_x + self.mpp_y) / 2.0
+
+    def level_mpp(self, level: int) -> float:
+        """Mean microns per pixel at `level`."""
+        return self.mpp * self.level_downsamples[level]
+
+
+@dataclass(frozen=True, slots=True)
+class LevelChoice:
+    """The pyramid level to read for a wanted resolution, and what is left to resample.
+
+    Attributes:
+        level: the OpenSlide level.
+        downsample: level-0 pixels per level pixel.
+        level_mpp: microns per pixel of that level.
+        scale: level pixels per target pixel; 1.0 exactly when the level is within
+            tolerance of the target (read as is), > 1 to shrink, < 1 to enlarge.
+    """
+
+    level: int
+    downsample: float
+    level_mpp: float
+    scale: float
+
+    @property
+    def l0_per_px(self) -> float:
+        """Level-0 pixels per target pixel."""
+        return self.scale * self.downsample
+
+
+def level_for_mpp(info: SlideInfo, target_mpp: float, tolerance: float = 0.1) -> LevelChoice:
+    """Pick the coarsest level that is not coarser than `target_mpp`.
+
+    A level whose mpp is within `tolerance` (relative) of the target counts as equal and
+    is read without resampling; 0.499 for 0.5 is the usual case. If even level 0 is
+    coarser than the target, level 0 is returned with `scale` < 1 (enlarge).
+
+    Args:
+        info: the slide.
+        target_mpp: wanted microns per pixel, > 0.
+        tolerance: relative tolerance, e.g. 0.1 = 10 %.
+
+    Returns:
+        The level and the remaining scale factor.
+
+    Raises:
+        ValueError: `target_mpp` or `tolerance` is not positive / negative.
+    """
+    if not target_mpp > 0:
+        raise ValueError(f"target_mpp must be > 0, got {target_mpp}")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    best = 0
+    for level in range(info.level_count):
+        if info.level_mpp(level) <= target_mpp * (1.0 + tolerance):
+            if info.level_mpp(level) > info.level_mpp(best):
+                best = level
+    level_mpp = info.level_mpp(best)
+    scale = target_mpp / level_mpp
+    if abs(scale - 1.0) <= tolerance:
+        scale = 1.0
+    return LevelChoice(
+        level=best, downsample=info.level_downsamples[best], level_mpp=level_mpp, scale=scale
+    )
+
+
+class Slide:
+    """An open slide: `info`, region reads, and the underlying `openslide.OpenSlide`.
+
+    Use as a context manager, or call `close()`. `read_region` is safe to call from
+    several threads (OpenSlide is thread-safe).
+    """
+
+    def __init__(self, osr: openslide.OpenSlide, info: SlideInfo) -> None:
+        self._osr = osr
+        self.info = info
+
+    @property
+    def osr(self) -> openslide.OpenSlide:
+        """The OpenSlide handle (for code that needs more than this class offers)."""
+        return self._osr
+
+    def read_region(
+        self, l0_xy: tuple[int, int], level: int, lvl_size: tuple[int, int]
+    ) -> np.ndarray:
+        """Read a region as RGB on white.
+
+        Args:
+            l0_xy: top-left (x, y) in level-0 pixels.
+            level: pyramid level to read from.
+            lvl_size: (width, height) in pixels of `level`.
+
+        Returns:
+            Array of shape (height, width, 3), uint8 RGB; pixels outside the slide (or
+            transparent in it) are white.
+        """
+        rgba = np.asarray(self._osr.read_region(l0_xy, level, lvl_size))
+        return rgb_on_white(rgba)
+
+    def close(self) -> None:
+        """Close the OpenSlide handle."""
+        self._osr.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Slide({str(self.info.path)!r}, vendor={self.info.vendor!r})"
+
+
+def rgb_on_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite an (H, W, 4) uint8 RGBA array (straight alpha) onto white → (H, W, 3)."""
+    alpha = rgba[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    a = alpha.astype(np.uint16)
+    out = (rgba[..., :3].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
+    """Open a whole-slide image for scanning, after checking it can be scanned.
+
+    Args:
+        path: the slide file.
+        mpp: microns per level-0 pixel to use instead of (or in the absence of) the
+            file's own; > 0.
+
+    Returns:
+        The open slide; close it (or use `with`).
+
+    Raises:
+        SlideOpenError: missing path, directory, unsupported format, not a slide,
+            truncated or corrupt file, or no mpp and no override; one sentence each.
+        ValueError: `mpp` is given and not > 0.
+    """
+    if mpp is not None and not mpp > 0:
+        raise ValueError(f"mpp must be > 0, got {mpp}")
+    path = Path(path).expanduser().absolute()
+    if not path.exists():
+        raise SlideOpenError(f"Slide file {path} does not exist.")
+    if path.is_dir():
+        raise SlideOpenError(f"{path} is a directory, not a slide file.")
+    if not os.access(path, os.R_OK):
+        raise SlideOpenError(f"{path} cannot be read: permission denied.")
+    try:
+        vendor = openslide.OpenSlide.detect_format(path)
+    except (OSError, openslide.OpenSlideError) as exc:
+        raise SlideOpenError(f"{path} cannot be read: {exc}.") from exc
+    if vendor is None:
+        raise SlideOpenError(_why_not_detected(path))
+    try:
+        osr = openslide.OpenSlide(path)
+    except openslide.OpenSlideUnsupportedFormatError as exc:
+        raise SlideOpenError(
+            f"{path} is not a slide OpenSlide can read, though it looks like {vendor}."
+        ) from exc
+    except openslide.OpenSlideError as exc:
+        raise SlideOpenError(f"{path} is truncated or corrupt (OpenSlide: {exc}).") from exc
+    try:
+        _probe(osr, path, vendor)
+        info = _describe(osr, path, vendor, mpp)
+    except BaseException:
+        osr.close()
+        raise
+    logger.debug(
+        "opened %s: %s %dx%d mpp %.4f, %d levels",
+        path, info.vendor, info.width, info.height, info.mpp, info.level_count,
+    )
+    return Slide(osr, info)
+
+
+def _why_not_detected(path: Path) -> str:
+    """The one sentence for a file OpenSlide does not recognise."""
+    if is_tiff(path):
+        damage = tiff_damage(path)
+        if damage:
+            return f"{path} is truncated or corrupt ({damage})."
+        return (
+            f"{path} is a TIFF but not a tiled whole-slide image; "
+            "OpenSlide reads only tiled (pyramidal) TIFFs."
+        )
+    suffix = path.suffix.lower()
+    if suffix in SLIDE_SUFFIXES:
+        return f"{path} is not a slide: its contents are not the {suffix} format its name says."
+    kind = f"{suffix} files" if suffix else "files of this kind"
+    return f"{path}: {kind} are not supported; papscan reads {SUPPORTED_FORMATS}."
+
+
+def is_tiff(path: Path) -> bool:
+    """Whether the file starts with a TIFF or BigTIFF header."""
+    with open(path, "rb") as fh:
+        return fh.read(4) in _TIFF_MAGICS
+
+
+def tiff_damage(path: Path) -> str | None:
+    """Look for truncation in a TIFF's structure without decoding anything.
+
+    Walks the IFD chain (classic and BigTIFF) and checks that every page's strips or
+    tiles lie inside the file. Cost: the IFDs and offset tables, a few MB at most.
+
+    Returns:
+        What is wrong, as a clause ("page 3's tiles end at byte … past the end of the
+        file, … bytes"), or None if the structure is whole.
+    """
+    import tifffile  # only TIFF-based slides need it
+
+    size = path.stat().st_size
+    problem = _walk_ifds(path, size)
+    if problem:
+        return problem
+    try:
+        with tifffile.TiffFile(path) as tif:
+            for page in tif.pages:
+                offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+                counts = np.asarray(page.databytecounts, dtype=np.int64)
+                if offsets.size == 0:
+                    continue
+                end = int((offsets + counts).max())
+                if end > size:
+                    return (
+                        f"page {page.index}'s image data ends at byte {end}, "
+                        f"past the end of the {size}-byte file"
+                    )
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types on bad files
+        return f"its TIFF structure cannot be parsed: {exc}"
+    return None
+
+
+def _walk_ifds(path: Path, size: int) -> str | None:
+    """Follow the IFD chain; report a pointer or entry table past the end of the file."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        order = "<" if head[:2] == b"II" else ">"
+        big = struct.unpack(order + "H", head[2:4])[0] == 43
+        if big:
+            offset = struct.unpack(order + "Q", head[8:16])[0]
+            count_fmt, entry_size, ptr_fmt = "Q", 20, "Q"
+        else:
+            offset = struct.unpack(order + "I", head[4:8])[0]
+            count_fmt, entry_size, ptr_fmt = "H", 12, "I"
+        count_size = struct.calcsize(count_fmt)
+        ptr_size = struct.calcsize(ptr_fmt)
+        seen: set[int] = set()
+        page = 0
+        while offset:
+            if offset in seen:
+                return f"its IFD chain loops back at page {page}"
+            seen.add(offset)
+            if offset + count_size > size:
+                return (
+                    f"page {page}'s directory starts at byte {offset}, "
+                    f"past the end of the {size}-byte file"
+                )
+            fh.seek(offset)
+            n = struct.unpack(order + count_fmt, fh.read(count_size))[0]
+            next_ptr_at = offset + count_size + n * entry_size
+            if next_ptr_at + ptr_size > size:
+                return f"page {page}'s directory runs past the end of the {size}-byte file"
+            fh.seek(next_ptr_at)
+            offset = struct.unpack(order + ptr_fmt, fh.read(ptr_size))[0]
+            page += 1
+    return None
+
+
+def _probe(osr: openslide.OpenSlide, path: Path, vendor: str) -> None:
+    """Fail now, not mid-scan, on a damaged file: TIFF structure, then each level's last tile."""
+    # NDPI keeps the high bits of its >4 GiB offsets outside the IFDs: a plain walk misreads it.
+    if vendor != "hamamatsu" and is_tiff(path):
+        damage = tiff_damage(path)
+        if damage:
+            raise SlideOpenError(f"{path} is truncated or corrupt ({damage}).")
+    try:
+        for level, (lvl_w, lvl_h) in enumerate(osr.level_dimensions):
+            ds = osr.level_downsamples[level]
+            l0_xy = (int((lvl_w - 1) * ds), int((lvl_h - 1) * ds))
+            osr.read_region(l0_xy, level, (1, 1))
+    except openslide.OpenSlideError as exc:
+        raise SlideOpenError(f"{path} is truncated or corrupt (OpenSlide: {exc}).") from exc
+
+
+def _describe(
+    osr: openslide.OpenSlide, path: Path, vendor: str, mpp: float | None
+) -> SlideInfo:
+    props = osr.properties
+    if mpp is not None:
+        mpp_x = mpp_y = float(mpp)
+    else:
+        mpp_x_s = props.get(openslide.PROPERTY_NAME_MPP_X)
+        mpp_y_s = props.get(openslide.PROPERTY_NAME_MPP_Y)
+        try:
+            mpp_x = float(mpp_x_s) if mpp_x_s else math.nan
+            mpp_y = float(mpp_y_s) if mpp_y_s else mpp_x
+        except ValueError:
+            mpp_x = mpp_y = math.nan
+        if not (mpp_x > 0 and mpp_y > 0):
+            raise SlideOpenError(f"{path} has no microns-per-pixel; pass --mpp.")
+    width, height = osr.dimensions
+    return SlideInfo(
+        path=path,
+        fingerprint=_fingerprint(osr, path),
+        vendor=vendor,
+        width=width,
+        height=height,
+        mpp_x=mpp_x,
+        mpp_y=mpp_y,
+        level_count=osr.level_count,
+        level_dimensions=tuple(tuple(d) for d in osr.level_dimensions),
+        level_downsamples=tuple(float(d) for d in osr.level_downsamples),
+    )
+
+
+def _fingerprint(osr: openslide.OpenSlide, path: Path) -> str:
+    quickhash = osr.properties.get(openslide.PROPERTY_NAME_QUICKHASH1)
+    if quickhash:
+        return quickhash
+    digest = hashlib.sha256()
+    for key in sorted(osr.properties):
+        digest.update(f"{key}={osr.properties[key]}\n".encode())
+    with open(path, "rb") as fh:
+        digest.update(fh.read(_HASH_HEAD_BYTES))
+    return "sha256:" + digest.hexdigest()

@@ -292,3 +292,26 @@ def test_uneven_downsample_levels_are_close_to_openslide(tmp_path: Path, make_ti
                 diff = np.abs(tile_reader.read(roi).astype(int) - os_reader.read(roi))
                 assert diff.mean() < 1.5
             tile_reader.close()
+
+
+def test_overlapping_rois_decode_each_tile_once(ycbcr_tiff: Path) -> None:
+    """The decoded-tile cache: a full grid of overlapping ROIs decodes every tile once."""
+    with open_slide(ycbcr_tiff) as slide:
+        reader = make_reader(slide, 0.5, 512, prefer="dali", device="cpu")
+        decoded = 0
+        decode = reader._decoder.decode
+
+        def counting(streams):
+            nonlocal decoded
+            decoded += len(streams)
+            return decode(streams)
+
+        reader._decoder.decode = counting
+        try:
+            rois = all_rois(slide, 0.5, 512)
+            for roi in rois:
+                reader.read(roi)
+        finally:
+            reader.close()
+    tiles = reader.layout.tiles_across * reader.layout.tiles_down
+    assert len(rois) > 4 and decoded <= tiles

@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -265,6 +266,11 @@ class TileReader(_LevelGeometry):
         )
         self._decoder = JpegDecoder(device=device, max_batch=most_tiles, num_threads=num_threads)
         self.name = self._decoder.name
+        # ROIs overlap and follow the grid row by row, so a band of tile rows as wide as the
+        # level serves every tile from cache after its first decode (about 4x fewer decodes
+        # at 25 % overlap). Capped so memory stays flat for any slide width.
+        band_rows = math.ceil(self.lvl_roi_px / layout.tile_h) + 1
+        self._cache = _TileCache(min(layout.tiles_across * band_rows, MAX_CACHED_TILES))
         self._fd: int | None = os.open(slide.info.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
 
     def read(self, roi: Roi) -> np.ndarray:
@@ -283,10 +289,14 @@ class TileReader(_LevelGeometry):
             for tx in range(tx0, tx1)
             if lay.bytecounts[ty * lay.tiles_across + tx] > 0
         ]
-        if tiles:
-            images = self._decode_tiles(roi, tiles)
-            for (tx, ty), tile in zip(tiles, images, strict=True):
-                self._paste(canvas, tile, tx * lay.tile_w - lvl_x, ty * lay.tile_h - lvl_y, tx, ty)
+        cached = {t: self._cache.get(t) for t in tiles}
+        missing = [t for t, image in cached.items() if image is None]
+        if missing:
+            for t, image in zip(missing, self._decode_tiles(roi, missing), strict=True):
+                cached[t] = image
+                self._cache.put(t, image)
+        for (tx, ty), tile in cached.items():
+            self._paste(canvas, tile, tx * lay.tile_w - lvl_x, ty * lay.tile_h - lvl_y, tx, ty)
         return self.to_target(canvas)
 
     def _decode_tiles(self, roi: Roi, tiles: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -337,6 +347,32 @@ class TileReader(_LevelGeometry):
             os.close(self._fd)
             self._fd = None
         self._decoder.close()
+
+
+MAX_CACHED_TILES = 1024  # 192 MiB of 256 px RGB tiles at most
+
+
+class _TileCache:
+    """A thread-safe LRU of decoded tiles keyed by `(tx, ty)` (read-ahead threads share it)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int]) -> np.ndarray | None:
+        with self._lock:
+            tile = self._tiles.get(key)
+            if tile is not None:
+                self._tiles.move_to_end(key)
+            return tile
+
+    def put(self, key: tuple[int, int], tile: np.ndarray) -> None:
+        with self._lock:
+            self._tiles[key] = tile
+            self._tiles.move_to_end(key)
+            while len(self._tiles) > self._capacity:
+                self._tiles.popitem(last=False)
 
 
 def make_reader(

@@ -1,0 +1,240 @@
+"""The `papscan` command line: thin commands over library functions.
+
+The CLI is papscan's composition root: besides the worker's commands it mounts `train`'s
+(`papscan train …`, `papscan synth`) so a lab has one tool. The pipeline itself never
+imports `train`; heavy modules are imported inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from engines.errors import PapscanError
+
+app = typer.Typer(
+    name="papscan",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Screen cervical cytology whole-slide images: scan, inspect and export results.",
+)
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="SQLAlchemy URL of the results database [default: PAPSCAN_DB_URL, else a "
+        "SQLite file in the user data directory].",
+    ),
+]
+ModelsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--models", help="Model repository [default: PAPSCAN_MODELS, else the bundled one]."
+    ),
+]
+
+
+class Reader(StrEnum):
+    auto = "auto"
+    dali = "dali"
+    openslide = "openslide"
+
+
+class ExportFormat(StrEnum):
+    csv = "csv"
+    geojson = "geojson"
+
+
+def fails_in_one_sentence(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn papscan's errors into one line on stderr and exit code 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except PapscanError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted; a scan that did not finish was marked failed and left no rows")
+        except Exception as exc:  # a bug: still one line, the traceback goes to the log
+            logging.getLogger("papscan").debug("unexpected error", exc_info=True)
+            _fail(
+                f"internal error ({type(exc).__name__}: {exc}); rerun with --verbose "
+                "for the traceback"
+            )
+
+    return wrapper
+
+
+def _fail(sentence: str) -> None:
+    from worker.console import err
+
+    err.print(f"[bold red]papscan:[/] {sentence}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log progress and tracebacks to stderr.")
+    ] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("papscan").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _database(url: str | None):
+    from worker.db.session import Database
+    from worker.settings import get_settings
+
+    return Database(url or get_settings().db_url)
+
+
+def _repository(path: Path | None):
+    from engines.repository import ModelRepository, default_repository_path
+    from worker.settings import get_settings
+
+    return ModelRepository(path or get_settings().models_dir or default_repository_path())
+
+
+@app.command()
+@fails_in_one_sentence
+def scan(
+    slide: Annotated[Path, typer.Argument(help="The whole-slide image to scan.")],
+    db: DbOption = None,
+    models: ModelsOption = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result as one JSON object.")
+    ] = False,
+    mpp: Annotated[
+        float | None, typer.Option(help="Microns per pixel, for files that do not record it.")
+    ] = None,
+    reader: Annotated[Reader, typer.Option(help="How ROIs are read.")] = Reader.auto,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Scan one slide in this process and write the results to the database."""
+    from worker.console import out, print_report, roi_progress
+    from worker.pipeline.scan import ScanOptions
+    from worker.scanner import scan_file
+
+    with roi_progress(slide.name, enabled=progress and not as_json) as on_progress:
+        report = scan_file(
+            slide,
+            _database(db),
+            _repository(models),
+            mpp=mpp,
+            options=ScanOptions(reader=reader.value),
+            progress=on_progress,
+        )
+    if as_json:
+        out.print_json(json.dumps(report.to_dict()))
+    else:
+        print_report(report)
+
+
+@app.command()
+@fails_in_one_sentence
+def export(
+    slide_or_scan: Annotated[
+        str,
+        typer.Argument(
+            help="A scan id, or a slide path or fingerprint (its latest finished scan)."
+        ),
+    ],
+    fmt: Annotated[
+        ExportFormat,
+        typer.Option("--format", help="csv: one row per cell; geojson: cell boxes for QuPath."),
+    ] = ExportFormat.csv,
+    output: Annotated[
+        Path | None, typer.Option("--out", "-o", help="File to write [default: stdout].")
+    ] = None,
+    db: DbOption = None,
+) -> None:
+    """Write every cell of a scan, in level-0 pixels, for other tools."""
+    from worker.export import write_cells
+
+    database = _database(db)
+    with database.session() as s:
+        if output is None:
+            write_cells(s, slide_or_scan, fmt.value, sys.stdout)
+        else:
+            with output.open("w", newline="") as f:
+                write_cells(s, slide_or_scan, fmt.value, f)
+
+
+@app.command()
+@fails_in_one_sentence
+def synth(
+    out_path: Annotated[
+        Path, typer.Argument(help="Slide to write (.tiff); its ground truth is written beside it.")
+    ],
+    width: Annotated[int, typer.Option(help="Level-0 width in px.")] = 8192,
+    height: Annotated[int, typer.Option(help="Level-0 height in px.")] = 8192,
+    mpp: Annotated[float, typer.Option(help="Microns per pixel at level 0.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same slide.")] = 0,
+    cells: Annotated[int, typer.Option(help="Number of cells.")] = 600,
+) -> None:
+    """Write a synthetic liquid-based cytology slide and its ground truth."""
+    from train.synth import write_synthetic_slide
+    from worker.console import out
+
+    made = write_synthetic_slide(
+        out_path, width=width, height=height, mpp=mpp, seed=seed, cells=cells
+    )
+    out.print(
+        f"wrote {out_path} ({width}×{height} px at {mpp} µm/px, {len(made.cells)} cells) "
+        f"and its ground truth {made.cells_csv}"
+    )
+
+
+@app.command()
+@fails_in_one_sentence
+def demo(
+    db: DbOption = None,
+    size: Annotated[int, typer.Option(help="Side of the synthetic slide in px.")] = 8192,
+    cells: Annotated[int, typer.Option(help="Cells on the synthetic slide.")] = 600,
+) -> None:
+    """Make a synthetic slide, scan it, and compare the result with its ground truth."""
+    from platformdirs import user_cache_dir
+
+    from train.evaluation import match_cells
+    from train.synth import read_truth, write_synthetic_slide
+    from worker.console import out, print_report, roi_progress
+    from worker.scanner import scan_file
+
+    path = Path(user_cache_dir("papscan")) / f"demo-{size}-{cells}.tiff"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out.print(f"writing a synthetic slide to {path} …")
+        write_synthetic_slide(path, width=size, height=size, mpp=0.5, seed=0, cells=cells)
+    with roi_progress(path.name) as on_progress:
+        report = scan_file(path, _database(db), _repository(None), progress=on_progress)
+    print_report(report)
+    database = _database(db)
+    from worker.db import queries
+
+    with database.session() as s:
+        found = list(queries.iter_cells(s, report.scan_id))
+    m = match_cells(read_truth(path), found)
+    out.print(
+        f"against the ground truth: recall {m.recall:.3f}, precision {m.precision:.3f}, "
+        f"correct class {m.accuracy:.3f} of {m.matched} matched cells"
+    )
+
+
+from train.cli import train_app  # noqa: E402  (composition root: mounted after the app exists)
+
+app.add_typer(train_app, name="train", help="Train models and write a model repository.")

@@ -1,0 +1,390 @@
+"""The streaming slide pipeline: plan -> read -> detect -> classify cells -> classify ROIs.
+
+Reads run ahead on a thread pool (bounded), detection runs on ROI batches, crops from many
+ROIs are pooled into the cell classifier's batches, and results leave in chunks of ROIs
+through a write-behind thread (bounded). Only a chunk's worth of ROIs, the read-ahead
+queue and the review heap are ever held, so memory stays flat whatever the slide size.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engines.model import Model
+from engines.postprocess import decode_yolo
+from engines.preprocess import cut_crops, to_input
+from engines.repository import ModelRepository
+from worker.pipeline.aggregate import SlideAggregator
+from worker.pipeline.detect import l0_boxes_in_core
+from worker.pipeline.plan import cellular_mask, plan_rois
+from worker.pipeline.read import make_reader, read_ahead
+from worker.pipeline.records import CellResult, RoiResult, SlideSummary
+from worker.slide import Slide
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAMES = ("cell_detector", "cell_classifier", "roi_classifier")
+
+ChunkSink = Callable[[list[RoiResult], list[CellResult]], None]
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ScanModels:
+    """The three engines a scan needs, loaded from one model repository."""
+
+    detector: Model
+    cell_classifier: Model
+    roi_classifier: Model
+
+    @classmethod
+    def load(cls, repository: ModelRepository) -> ScanModels:
+        """Load each model's selected version (raises ModelNotFoundError / ModelLoadError)."""
+        return cls(*(repository.load(name) for name in MODEL_NAMES))
+
+    def versions(self) -> dict[str, int]:
+        """Model name -> version used, for the scan row."""
+        return {m.config.name: m.version for m in self.all()}
+
+    def all(self) -> tuple[Model, Model, Model]:
+        return (self.detector, self.cell_classifier, self.roi_classifier)
+
+    def close(self) -> None:
+        for model in self.all():
+            model.close()
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """Knobs of one scan; defaults suit a laptop.
+
+    Args:
+        overlap_px: ROI overlap at the detector's mpp; must be at least the classifier's
+            crop field so every kept cell's crop lies inside its ROI image.
+        reader: "auto" (raw JPEG tiles through DALI where the level allows, else OpenSlide),
+            "dali" or "openslide".
+        read_ahead: ROIs read ahead of the detector.
+        chunk_rois: ROIs per result chunk (one database transaction each).
+        top_k: cells marked for review.
+    """
+
+    overlap_px: int = 128
+    reader: str = "auto"
+    read_ahead: int = 4
+    chunk_rois: int = 32
+    top_k: int = 20
+
+
+@dataclass
+class ScanOutcome:
+    """What a finished scan returns besides the rows it wrote."""
+
+    summary: SlideSummary
+    timings_ms: dict[str, float]
+    rois_planned: int
+    reader: str
+
+
+@dataclass
+class _Pending:
+    """An ROI whose cells are detected but not yet classified."""
+
+    roi_index: int
+    l0_box: tuple[int, int, int, int]
+    l0_boxes: np.ndarray
+    det_scores: np.ndarray
+    crops: np.ndarray
+
+
+@dataclass
+class StageClock:
+    """Milliseconds spent per stage, summed over the scan (thread-safe)."""
+
+    ms: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = (time.perf_counter() - start) * 1000
+            with self._lock:
+                self.ms[name] = self.ms.get(name, 0.0) + elapsed
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 1) for k, v in self.ms.items()}
+
+
+class ScanPipeline:
+    """Runs the models over one opened slide and streams results to a sink.
+
+    Args:
+        models: the detector, cell classifier and ROI classifier.
+        options: scan knobs.
+    """
+
+    def __init__(self, models: ScanModels, options: ScanOptions | None = None) -> None:
+        self.models = models
+        self.options = options or ScanOptions()
+        det = models.detector.config
+        cls = models.cell_classifier.config
+        self.target_mpp = det.preprocessing.mpp
+        self.roi_px = det.preprocessing.input_size[0]
+        self.crop_px = cls.preprocessing.input_size[0]
+        # The classifier sees a fixed physical field: its input size at its own mpp.
+        self.crop_field_px = round(self.crop_px * cls.preprocessing.mpp / self.target_mpp)
+        if self.options.overlap_px < self.crop_field_px:
+            raise ValueError(
+                f"ROI overlap {self.options.overlap_px} px is smaller than the classifier's "
+                f"{self.crop_field_px} px field: crops of cells near ROI borders would be cut"
+            )
+        self.labels = tuple(cls.labels)
+        post = det.postprocessing
+        self.conf_threshold = float(post.get("conf_threshold", 0.25))
+        self.iou_threshold = float(post.get("iou_threshold", 0.5))
+
+    def run(self, slide: Slide, sink: ChunkSink, progress: Progress | None = None) -> ScanOutcome:
+        """Scan a slide; `sink` receives each chunk of ROIs and cells, in ROI order.
+
+        Raises:
+            SlideReadError: a region could not be read or decoded.
+        """
+        clock = StageClock()
+        start = time.perf_counter()
+        with clock.stage("plan"):
+            mask = cellular_mask(slide)
+            plan = plan_rois(
+                slide.info, mask, self.target_mpp, self.roi_px, self.options.overlap_px
+            )
+        rois = plan.rois
+        reader = make_reader(slide, self.target_mpp, self.roi_px, prefer=self.options.reader)
+        logger.info(
+            "planned %d ROIs of %d px at %.2f mpp; reader %s",
+            len(rois),
+            self.roi_px,
+            self.target_mpp,
+            reader.name,
+        )
+        aggregator = SlideAggregator(self.labels, top_k=self.options.top_k)
+        done = 0
+        if progress:
+            progress(0, len(rois))
+        with _WriteBehind(sink, clock) as writer:
+            pending: list[_Pending] = []
+            for batch in _batched(
+                read_ahead(_timed(reader, clock), rois, depth=self.options.read_ahead),
+                self._detector_batch(),
+            ):
+                pending.extend(self._detect(batch, clock))
+                if (
+                    len(pending) >= self.options.chunk_rois
+                    or self._pending_cells(pending)
+                    >= self.models.cell_classifier.config.max_batch_size
+                ):
+                    writer.put(*self._classify(pending, aggregator, clock))
+                    done += len(pending)
+                    pending = []
+                    if progress:
+                        progress(done, len(rois))
+            if pending:
+                writer.put(*self._classify(pending, aggregator, clock))
+                done += len(pending)
+                if progress:
+                    progress(done, len(rois))
+        reader.close()
+        clock.ms["total"] = (time.perf_counter() - start) * 1000
+        return ScanOutcome(aggregator.summary(), clock.rounded(), len(rois), reader.name)
+
+    def _detector_batch(self) -> int:
+        return max(1, self.models.detector.config.max_batch_size)
+
+    @staticmethod
+    def _pending_cells(pending: list[_Pending]) -> int:
+        return sum(len(p.det_scores) for p in pending)
+
+    def _detect(self, batch: list, clock: StageClock) -> list[_Pending]:
+        images = np.stack([image for _, image in batch])
+        det_model = self.models.detector
+        with clock.stage("detect"):
+            x = to_input(images, det_model.config.preprocessing)
+            raw = det_model.infer({det_model.config.inputs[0].name: x})
+            heads = raw[det_model.config.outputs[0].name]
+            detections = decode_yolo(heads, self.conf_threshold, self.iou_threshold)
+        out = []
+        with clock.stage("crop"):
+            for (roi, image), det in zip(batch, detections, strict=True):
+                l0_per_px = roi.l0_w / image.shape[1]
+                l0_boxes, scores, kept = l0_boxes_in_core(
+                    det, (roi.l0_x, roi.l0_y), l0_per_px, roi.l0_core
+                )
+                centres = (det.boxes[kept, :2] + det.boxes[kept, 2:]) / 2
+                crops = cut_crops(image, centres, self.crop_field_px, self.crop_px)
+                out.append(
+                    _Pending(
+                        roi.index, (roi.l0_x, roi.l0_y, roi.l0_w, roi.l0_h), l0_boxes, scores, crops
+                    )
+                )
+        return out
+
+    def _classify(
+        self, pending: list[_Pending], aggregator: SlideAggregator, clock: StageClock
+    ) -> tuple[list[RoiResult], list[CellResult]]:
+        cell_model = self.models.cell_classifier
+        counts = [len(p.det_scores) for p in pending]
+        with clock.stage("classify_cells"):
+            crops = np.concatenate([p.crops for p in pending])
+            if len(crops):
+                out = cell_model.infer(
+                    {
+                        cell_model.config.inputs[0].name: to_input(
+                            crops, cell_model.config.preprocessing
+                        )
+                    }
+                )
+                probs, features = out["probs"], out["features"]
+            else:
+                probs = np.zeros((0, len(self.labels)), np.float32)
+                features = np.zeros((0, cell_model.config.output("features").dims[0]), np.float32)
+        with clock.stage("classify_rois"):
+            roi_probs, attention = self._classify_rois(features, counts)
+        rois: list[RoiResult] = []
+        cells: list[CellResult] = []
+        offset = 0
+        for i, p in enumerate(pending):
+            n = counts[i]
+            roi_cells = [
+                self._cell(p, j, probs[offset + j], float(attention[i][j])) for j in range(n)
+            ]
+            offset += n
+            label = self.labels[int(np.argmax(roi_probs[i]))]
+            roi = RoiResult(
+                p.roi_index, *p.l0_box, label=label, probs=self._named(roi_probs[i]), cell_count=n
+            )
+            aggregator.add_roi(roi, roi_cells)
+            rois.append(roi)
+            cells.extend(roi_cells)
+        return rois, cells
+
+    def _classify_rois(
+        self, features: np.ndarray, counts: list[int]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """ROI probabilities `[R, C]` and per-ROI attention over its cells.
+
+        An ROI without cells holds nothing abnormal: it is NILM with certainty and is not
+        sent to the model (the attention pooling needs at least one cell).
+        """
+        n_rois = len(counts)
+        roi_probs = np.zeros((n_rois, len(self.labels)), np.float32)
+        roi_probs[:, 0] = 1.0
+        attention = [np.zeros(n, np.float32) for n in counts]
+        with_cells = [i for i, n in enumerate(counts) if n]
+        if not with_cells:
+            return roi_probs, attention
+        width = max(counts)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        bags = np.zeros((len(with_cells), width, features.shape[1]), np.float32)
+        mask = np.zeros((len(with_cells), width), np.float32)
+        for row, i in enumerate(with_cells):
+            bags[row, : counts[i]] = features[starts[i] : starts[i + 1]]
+            mask[row, : counts[i]] = 1.0
+        out = self.models.roi_classifier.infer({"cell_features": bags, "cell_mask": mask})
+        for row, i in enumerate(with_cells):
+            roi_probs[i] = out["roi_probs"][row]
+            attention[i] = out["attention"][row, : counts[i]]
+        return roi_probs, attention
+
+    def _cell(self, p: _Pending, j: int, probs: np.ndarray, attention: float) -> CellResult:
+        k = int(np.argmax(probs))
+        x, y, w, h = (int(v) for v in p.l0_boxes[j])
+        return CellResult(
+            roi_index=p.roi_index,
+            x=x,
+            y=y,
+            w=w,
+            h=h,
+            detection_score=round(float(p.det_scores[j]), 5),
+            label=self.labels[k],
+            score=round(float(probs[k]), 5),
+            probs=self._named(probs),
+            suspicion=round(1.0 - float(probs[0]), 5),
+            attention=round(attention, 5),
+        )
+
+    def _named(self, probs: np.ndarray) -> dict[str, float]:
+        return {label: round(float(p), 5) for label, p in zip(self.labels, probs, strict=True)}
+
+
+class _timed:
+    """Wraps a reader so time spent reading (on the read-ahead threads) is counted."""
+
+    def __init__(self, reader, clock: StageClock) -> None:
+        self._reader = reader
+        self._clock = clock
+
+    def read(self, roi):
+        with self._clock.stage("read"):
+            return self._reader.read(roi)
+
+
+class _WriteBehind:
+    """Hands result chunks to the sink on a background thread, at most two in flight.
+
+    The first error in the sink is re-raised in the scanning thread at the next `put` or at
+    exit, so a failed write fails the scan instead of being lost.
+    """
+
+    def __init__(self, sink: ChunkSink, clock: StageClock) -> None:
+        self._sink = sink
+        self._clock = clock
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="papscan-writer", daemon=True)
+
+    def __enter__(self) -> _WriteBehind:
+        self._thread.start()
+        return self
+
+    def put(self, rois: list[RoiResult], cells: list[CellResult]) -> None:
+        self._raise_if_failed()
+        self._queue.put((rois, cells))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if exc is None:
+            self._raise_if_failed()
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep draining so the producer never blocks on a dead writer
+            try:
+                with self._clock.stage("write"):
+                    self._sink(*item)
+            except BaseException as exc:  # re-raised in the scanning thread
+                self._error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+def _batched(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

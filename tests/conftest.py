@@ -1,12 +1,19 @@
-"""Fixtures shared across the test packages: the real-data folder and small test TIFFs."""
+"""Fixtures shared across the test packages: the real-data folder, small test TIFFs, and a
+PostgreSQL database of the session's own (created on the server at PAPSCAN_TEST_PG_URL,
+default the machine's `test` server, dropped at the end; skipped where unreachable)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy.engine import make_url
+
+from worker.db.session import Database
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -19,8 +26,14 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def cells_image(width: int, height: int, seed: int = 0, cells_right_of: float = 0.0,
-                cells_left_of: float = 1.0, n_cells: int = 80) -> np.ndarray:
+def cells_image(
+    width: int,
+    height: int,
+    seed: int = 0,
+    cells_right_of: float = 0.0,
+    cells_left_of: float = 1.0,
+    n_cells: int = 80,
+) -> np.ndarray:
     """An (H, W, 3) uint8 test picture: off-white glass with coloured round blobs ("cells").
 
     Blobs are placed only in the band `cells_right_of * W <= x < cells_left_of * W`.
@@ -41,8 +54,15 @@ def cells_image(width: int, height: int, seed: int = 0, cells_right_of: float = 
     return image
 
 
-def write_tiff(path: Path, image: np.ndarray, mpp: float | None = 0.5, levels: int = 2,
-               tile_px: int = 256, style: str = "ycbcr", quality: int = 90) -> Path:
+def write_tiff(
+    path: Path,
+    image: np.ndarray,
+    mpp: float | None = 0.5,
+    levels: int = 2,
+    tile_px: int = 256,
+    style: str = "ycbcr",
+    quality: int = 90,
+) -> Path:
     """Write a pyramidal JPEG-tiled TIFF that OpenSlide opens as generic-tiff.
 
     Levels are separate pages, each half the previous; resolution in CENTIMETER so
@@ -69,16 +89,32 @@ def write_tiff(path: Path, image: np.ndarray, mpp: float | None = 0.5, levels: i
             if k:
                 extra["subfiletype"] = 1
             if style == "ycbcr":
-                tw.write(level, tile=(tile_px, tile_px), compression="jpeg",
-                         compressionargs={"level": quality}, photometric="rgb", **extra)
+                tw.write(
+                    level,
+                    tile=(tile_px, tile_px),
+                    compression="jpeg",
+                    compressionargs={"level": quality},
+                    photometric="rgb",
+                    **extra,
+                )
             elif style == "deflate":
-                tw.write(level, tile=(tile_px, tile_px), compression="zlib",
-                         photometric="rgb", **extra)
+                tw.write(
+                    level, tile=(tile_px, tile_px), compression="zlib", photometric="rgb", **extra
+                )
             elif style == "aperio":
                 tiles, tables = _aperio_tiles(level, tile_px, quality)
-                tw.write(iter(tiles), shape=level.shape, dtype=np.uint8, tile=(tile_px, tile_px),
-                         compression="jpeg", photometric="rgb", subsampling=(1, 1),
-                         compressionargs={"outcolorspace": "rgb"}, jpegtables=tables, **extra)
+                tw.write(
+                    iter(tiles),
+                    shape=level.shape,
+                    dtype=np.uint8,
+                    tile=(tile_px, tile_px),
+                    compression="jpeg",
+                    photometric="rgb",
+                    subsampling=(1, 1),
+                    compressionargs={"outcolorspace": "rgb"},
+                    jpegtables=tables,
+                    **extra,
+                )
             else:
                 raise ValueError(f"unknown style {style!r}")
     return path
@@ -109,8 +145,9 @@ def _aperio_tiles(level: np.ndarray, tile_px: int, quality: int) -> tuple[list[b
             tile = np.zeros((tile_px, tile_px, 3), np.uint8)
             part = level[y : y + tile_px, x : x + tile_px]
             tile[: part.shape[0], : part.shape[1]] = part
-            stream = imagecodecs.jpeg8_encode(tile, level=quality, colorspace="RGB",
-                                              outcolorspace="RGB", subsampling="444")
+            stream = imagecodecs.jpeg8_encode(
+                tile, level=quality, colorspace="RGB", outcolorspace="RGB", subsampling="444"
+            )
             segments = _jpeg_segments(stream)
             if not tables:
                 tables = b"\xff\xd8" + b"".join(s for m, s in segments if m == 0xDB) + b"\xff\xd9"
@@ -141,3 +178,37 @@ def make_tiff() -> Callable[..., Path]:
 def make_cells_image() -> Callable[..., np.ndarray]:
     """`make_cells_image(width, height, seed=0, ...)` (see `cells_image`)."""
     return cells_image
+
+
+# --- PostgreSQL -----------------------------------------------------------------------
+
+PG_URL = os.environ.get("PAPSCAN_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    import psycopg
+
+    admin = make_url(PG_URL).set(drivername="postgresql")
+    admin_dsn = admin.render_as_string(hide_password=False)
+    name = f"papscan_test_{uuid.uuid4().hex[:12]}"
+    try:
+        conn = psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL at {admin.render_as_string()} unreachable: {exc}")
+    with conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_db(pg_url: str) -> Iterator[Database]:
+    db = Database(pg_url)
+    db.create_schema()
+    yield db
+    db.dispose()

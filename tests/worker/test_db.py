@@ -1,15 +1,11 @@
 """Results database: schema, queries and errors, on SQLite and on a real PostgreSQL.
 
-PostgreSQL tests create a database of their own (papscan_test_<random>) through the
-server at PAPSCAN_TEST_PG_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/test)
-and drop it at the end; they skip where that server cannot be reached.
+PostgreSQL tests use the session's own database (see `pg_url` in tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +13,6 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import delete, func, inspect, select, text
-from sqlalchemy.engine import make_url
 
 from worker.db import queries
 from worker.db.models import Base, Cell, Roi, Scan, Slide, SlideResult
@@ -26,40 +21,10 @@ from worker.errors import DatabaseConfigError, DatabaseUnavailableError, Transie
 from worker.pipeline.records import CellResult, RoiResult, SlideSummary
 from worker.settings import SettingsError, get_settings
 
-PG_URL = os.environ.get("PAPSCAN_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TABLES = {"slides", "scans", "rois", "cells", "slide_results"}
 
 
 # --- fixtures -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, dropped afterwards."""
-    import psycopg
-
-    admin = make_url(PG_URL).set(drivername="postgresql")
-    admin_dsn = admin.render_as_string(hide_password=False)
-    name = f"papscan_test_{uuid.uuid4().hex[:12]}"
-    try:
-        conn = psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL at {admin.render_as_string()} unreachable: {exc}")
-    with conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(scope="session")
-def pg_db(pg_url: str) -> Iterator[Database]:
-    db = Database(pg_url)
-    db.create_schema()
-    yield db
-    db.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -6,6 +6,7 @@ PostgreSQL tests use the session's own database (see `pg_url` in tests/conftest.
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -35,7 +35,11 @@ STAGE_ORDER = (
 
 @contextmanager
 def roi_progress(description: str, enabled: bool = True) -> Iterator:
-    """A progress bar over ROIs on stderr; yields a `(done, planned)` callback."""
+    """A progress bar over ROIs on stderr; yields a `(done, planned)` callback.
+
+    The bar appears at the first callback, once the slide is open and its ROIs planned, so a
+    file refused at open shows only its error.
+    """
     if not enabled:
         yield None
         return
@@ -49,13 +53,19 @@ def roi_progress(description: str, enabled: bool = True) -> Iterator:
         console=err,
         transient=False,
     )
-    with bar:
-        task = bar.add_task(description, total=None)
+    task = None
 
-        def update(done: int, planned: int) -> None:
-            bar.update(task, completed=done, total=planned)
+    def update(done: int, planned: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=planned)
+        bar.update(task, completed=done, total=planned)
 
+    try:
         yield update
+    finally:
+        bar.stop()
 
 
 def print_report(report: ScanReport) -> None:

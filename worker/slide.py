@@ -222,7 +222,7 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
     """
     if mpp is not None and not mpp > 0:
         raise ValueError(f"mpp must be > 0, got {mpp}")
-    path = Path(path).expanduser().absolute()
+    path = Path(path).expanduser().resolve()
     if not path.exists():
         raise SlideOpenError(f"Slide file {path} does not exist.")
     if path.is_dir():

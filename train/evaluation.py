@@ -58,8 +58,9 @@ class CellMatch:
         return self.correct / self.matched if self.matched else 0.0
 
 
-def match_cells(truth: Sequence[TrueCell], found: Iterable[FoundCell],
-                neighbours: int = 8) -> CellMatch:
+def match_cells(
+    truth: Sequence[TrueCell], found: Iterable[FoundCell], neighbours: int = 8
+) -> CellMatch:
     """Match found cells (level-0 boxes) to true cells; see the module docstring."""
     found = sorted(found, key=lambda c: -getattr(c, "detection_score", 0.0))
     if not truth or not found:

@@ -1,0 +1,95 @@
+"""Every registered model runs forward and backward; the MIL model masks padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from train.models import create_model, list_models
+from train.models.mil import AttentionMil, masked_softmax
+
+
+def _inputs(name: str, batch: int = 4, cells: int = 7) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(0)
+    if name == "gated_attention_mil":
+        mask = torch.ones(batch, cells)
+        mask[1, 4:] = 0
+        return torch.randn(batch, cells, 64), mask
+    return (torch.randn(batch, 3, 96, 96),)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_model_forward_backward(name: str) -> None:
+    model = create_model(name)
+    model.train()
+    inputs = _inputs(name)
+    logits, second = model(*inputs)
+    assert logits.shape == (4, 3)
+    if name == "gated_attention_mil":
+        assert second.shape == (4, 7)
+    else:
+        assert second.shape == (4, 64)
+    assert torch.isfinite(logits).all() and torch.isfinite(second).all()
+    (logits.sum() + second.sum()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_registry_rejects_unknown_and_duplicates() -> None:
+    from train.models.registry import register_model
+
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("no_such_model")
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_model
+        def se_cellnet_small() -> torch.nn.Module:  # noqa: F811
+            return torch.nn.Identity()
+
+
+def test_cellnet_rejects_bad_widths() -> None:
+    with pytest.raises(ValueError):
+        create_model("se_cellnet_small", channels=(8, 16))
+
+
+def test_mil_padding_gets_zero_attention() -> None:
+    model: AttentionMil = create_model("gated_attention_mil").eval()
+    x = torch.randn(3, 6, 64)
+    mask = torch.tensor(
+        [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=torch.float32
+    )
+    with torch.no_grad():
+        logits, attention = model(x, mask)
+    assert torch.all(attention[mask == 0] == 0)
+    torch.testing.assert_close(attention.sum(1), torch.ones(3))
+    assert attention[2, 0] == pytest.approx(1.0)
+    # padding content must not change the result
+    x2 = x.clone()
+    x2[mask == 0] = 1e3
+    with torch.no_grad():
+        logits2, attention2 = model(x2, mask)
+    torch.testing.assert_close(logits, logits2)
+    torch.testing.assert_close(attention, attention2)
+
+
+@pytest.mark.parametrize("cells", [0, 5])
+def test_mil_empty_bags_are_finite(cells: int) -> None:
+    model = create_model("gated_attention_mil").eval()
+    x = torch.randn(2, cells, 64, requires_grad=True)
+    logits, attention = model(x, torch.zeros(2, cells))
+    assert logits.shape == (2, 3) and attention.shape == (2, cells)
+    assert torch.isfinite(logits).all()
+    assert torch.all(attention == 0)
+    probs = torch.softmax(logits, 1)
+    torch.testing.assert_close(probs[0], probs[1])
+    logits.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_masked_softmax_extreme_scores() -> None:
+    scores = torch.tensor([[1e6, -1e6, 3.0], [-1e6, -1e6, -1e6]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    w = masked_softmax(scores, mask)
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w.sum(1), torch.ones(2))
+    assert w[0, 2] == 0

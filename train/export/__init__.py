@@ -1,0 +1,1 @@
+"""Export trained models into a Triton-style model repository (config.yaml + ONNX + card)."""

@@ -1,0 +1,96 @@
+"""The three default models' `config.yaml` contents, per the shared contract.
+
+Values come from training (labels, mpp, sizes, mean/std, thresholds); the layout is the
+contract's: Triton field names, `dims` without the batch dimension, -1 for dynamic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CLASSIFIER_MEAN = (123.7, 116.3, 103.5)
+CLASSIFIER_STD = (58.4, 57.1, 57.4)
+
+
+def detector_config(
+    input_px: int,
+    mpp: float,
+    labels: list[str],
+    conf_threshold: float,
+    iou_threshold: float,
+    max_batch_size: int = 8,
+) -> dict[str, Any]:
+    """`cell_detector`: ultralytics YOLO raw head `output0` [B, 4 + nc, N]."""
+    return {
+        "name": "cell_detector",
+        "backend": ["onnxruntime"],
+        "max_batch_size": max_batch_size,
+        "version_policy": {"latest": 1},
+        "input": [{"name": "images", "data_type": "TYPE_FP32", "dims": [3, input_px, input_px]}],
+        "output": [{"name": "output0", "data_type": "TYPE_FP32", "dims": [4 + len(labels), -1]}],
+        "preprocessing": {
+            "mpp": mpp,
+            "input_size": [input_px, input_px],
+            "mean": [0.0, 0.0, 0.0],
+            "std": [255.0, 255.0, 255.0],
+            "channel_order": "RGB",
+            "layout": "NCHW",
+        },
+        "labels": list(labels),
+        "postprocessing": {
+            "kind": "yolo",
+            "conf_threshold": conf_threshold,
+            "iou_threshold": iou_threshold,
+        },
+    }
+
+
+def classifier_config(
+    input_px: int,
+    mpp: float,
+    labels: list[str],
+    embed_dim: int,
+    mean: tuple[float, ...] = CLASSIFIER_MEAN,
+    std: tuple[float, ...] = CLASSIFIER_STD,
+    max_batch_size: int = 256,
+) -> dict[str, Any]:
+    """`cell_classifier`: `crops` -> `probs` (softmax) and `features`."""
+    return {
+        "name": "cell_classifier",
+        "backend": ["onnxruntime"],
+        "max_batch_size": max_batch_size,
+        "version_policy": {"latest": 1},
+        "input": [{"name": "crops", "data_type": "TYPE_FP32", "dims": [3, input_px, input_px]}],
+        "output": [
+            {"name": "probs", "data_type": "TYPE_FP32", "dims": [len(labels)]},
+            {"name": "features", "data_type": "TYPE_FP32", "dims": [embed_dim]},
+        ],
+        "preprocessing": {
+            "mpp": mpp,
+            "input_size": [input_px, input_px],
+            "mean": list(mean),
+            "std": list(std),
+            "channel_order": "RGB",
+            "layout": "NCHW",
+        },
+        "labels": list(labels),
+    }
+
+
+def roi_config(labels: list[str], feature_dim: int, max_batch_size: int = 16) -> dict[str, Any]:
+    """`roi_classifier`: (`cell_features`, `cell_mask`) -> `roi_probs`, `attention`."""
+    return {
+        "name": "roi_classifier",
+        "backend": ["onnxruntime"],
+        "max_batch_size": max_batch_size,
+        "version_policy": {"latest": 1},
+        "input": [
+            {"name": "cell_features", "data_type": "TYPE_FP32", "dims": [-1, feature_dim]},
+            {"name": "cell_mask", "data_type": "TYPE_FP32", "dims": [-1]},
+        ],
+        "output": [
+            {"name": "roi_probs", "data_type": "TYPE_FP32", "dims": [len(labels)]},
+            {"name": "attention", "data_type": "TYPE_FP32", "dims": [-1]},
+        ],
+        "labels": list(labels),
+    }

@@ -1,0 +1,162 @@
+"""Write one model version into a model repository: config.yaml, model.onnx, card.json.
+
+Layout (the contract's, Triton-style):
+`<repo>/<name>/config.yaml`, `<repo>/<name>/<version>/model.onnx`, `.../card.json`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from train.data.paths import PROJECT_ROOT
+from train.export.onnx_export import onnx_opset
+
+logger = logging.getLogger(__name__)
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def git_commit(cwd: Path = PROJECT_ROOT) -> str | None:
+    """The project's HEAD commit (with `-dirty` if the tree has changes), or None."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the packages that shaped the artifact."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    if "ultralytics" in sys.modules:
+        versions["ultralytics"] = sys.modules["ultralytics"].__version__
+    return versions
+
+
+def dump_config_yaml(config: dict[str, Any]) -> str:
+    """The contract's layout: top-level keys in block style, nested values in flow style."""
+    lines = []
+    for key, value in config.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            lines.append(f"{key}:")
+            lines.extend(f"  - {_flow(v)}" for v in value)
+        elif isinstance(value, dict | list):
+            lines.append(f"{key}: {_flow(value)}")
+        else:
+            lines.append(f"{key}: {_flow(value)}")
+    text = "\n".join(lines) + "\n"
+    if yaml.safe_load(text) != config:
+        raise ValueError("config.yaml did not round-trip through YAML")
+    return text
+
+
+def _flow(value: Any) -> str:
+    return (
+        yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10_000)
+        .strip()
+        .removesuffix("\n...")
+        .strip()
+    )
+
+
+def write_model_version(
+    repo: Path, config: dict[str, Any], onnx_path: Path, card: dict[str, Any], version: int = 1
+) -> Path:
+    """Write `config.yaml`, copy the ONNX file to `<version>/model.onnx`, write `card.json`.
+
+    The card is completed with the model name and version, sha256 and size of `model.onnx`,
+    its opset, software versions, date (UTC) and git commit. An existing version folder is
+    replaced.
+
+    Args:
+        repo: The model repository folder.
+        config: The config.yaml content (see `train.export.configs`).
+        onnx_path: The exported ONNX file.
+        card: Training data, metrics, seed, command, checks.
+        version: The version number (folder name).
+
+    Returns:
+        The version folder.
+    """
+    if version < 1:
+        raise ValueError(f"version must be a positive integer, got {version}")
+    name = config["name"]
+    model_dir = repo / name
+    version_dir = model_dir / str(version)
+    if version_dir.exists():
+        shutil.rmtree(version_dir)
+    version_dir.mkdir(parents=True)
+    (model_dir / "config.yaml").write_text(dump_config_yaml(config))
+    target = version_dir / "model.onnx"
+    shutil.copyfile(onnx_path, target)
+    full_card = {
+        "name": name,
+        "version": version,
+        **card,
+        "artifact": {
+            "file": "model.onnx",
+            "sha256": sha256_of(target),
+            "bytes": target.stat().st_size,
+            "onnx_opset": onnx_opset(target),
+        },
+        "software": software_versions(),
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_commit": git_commit(),
+    }
+    (version_dir / "card.json").write_text(
+        json.dumps(full_card, indent=2, default=_json_default) + "\n"
+    )
+    logger.info(
+        "wrote %s@%d to %s (%.1f kB)", name, version, version_dir, target.stat().st_size / 1024
+    )
+    return version_dir
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,1 @@
+"""Training and evaluation loops for papscan's default models, and the default run."""

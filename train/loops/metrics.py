@@ -1,0 +1,98 @@
+"""Metrics: classification report (accuracy, per-class P/R/F1, weighted F1, confusion) and
+detection recall/precision at an IoU threshold with greedy matching."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def classification_report(
+    y_true: np.ndarray, y_pred: np.ndarray, labels: tuple[str, ...]
+) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall/F1/support, weighted F1 and the confusion matrix.
+
+    Args:
+        y_true: [N] true class indices.
+        y_pred: [N] predicted class indices.
+        labels: Class names, index order.
+
+    Returns:
+        A JSON-ready dict; `confusion[i][j]` counts true class i predicted as j.
+    """
+    k = len(labels)
+    cm = np.zeros((k, k), np.int64)
+    np.add.at(cm, (np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)), 1)
+    per_class = {}
+    f1s, supports = [], []
+    for i, name in enumerate(labels):
+        tp = cm[i, i]
+        p = tp / cm[:, i].sum() if cm[:, i].sum() else 0.0
+        r = tp / cm[i].sum() if cm[i].sum() else 0.0
+        f1 = 2 * p * r / (p + r) if p + r else 0.0
+        per_class[name] = {
+            "precision": round(float(p), 4),
+            "recall": round(float(r), 4),
+            "f1": round(float(f1), 4),
+            "support": int(cm[i].sum()),
+        }
+        f1s.append(f1)
+        supports.append(cm[i].sum())
+    n = int(cm.sum())
+    return {
+        "n": n,
+        "accuracy": round(float(np.trace(cm) / n), 4) if n else 0.0,
+        "weighted_f1": round(float(np.average(f1s, weights=supports)), 4) if n else 0.0,
+        "per_class": per_class,
+        "confusion": cm.tolist(),
+        "confusion_axes": "rows true, columns predicted, order " + "/".join(labels),
+    }
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of [N, 4] and [M, 4] (x0, y0, x1, y1) boxes, as [N, M]."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
+
+
+def match_detections(
+    pred_xyxy: np.ndarray, scores: np.ndarray, true_xyxy: np.ndarray, iou_threshold: float = 0.5
+) -> int:
+    """Greedy matching, strongest prediction first, each truth used once; returns matches."""
+    if len(pred_xyxy) == 0 or len(true_xyxy) == 0:
+        return 0
+    iou = box_iou(np.asarray(pred_xyxy)[np.argsort(-np.asarray(scores))], true_xyxy)
+    taken = np.zeros(iou.shape[1], bool)
+    matched = 0
+    for row in iou:
+        row = np.where(taken, -1.0, row)
+        j = int(np.argmax(row))
+        if row[j] >= iou_threshold:
+            taken[j] = True
+            matched += 1
+    return matched
+
+
+def detection_report(n_true: int, n_pred: int, n_matched: int) -> dict[str, float | int]:
+    """Recall, precision and F1 from counts."""
+    recall = n_matched / n_true if n_true else 1.0
+    precision = n_matched / n_pred if n_pred else 1.0
+    f1 = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
+    return {
+        "n_true": n_true,
+        "n_pred": n_pred,
+        "n_matched": n_matched,
+        "recall": round(recall, 4),
+        "precision": round(precision, 4),
+        "f1": round(f1, 4),
+    }

@@ -1,0 +1,165 @@
+"""The `papscan` command as a user runs it: bad input ends in one sentence and no rows."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from engines.repository import default_repository_path
+from train.synth import write_synthetic_slide
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def papscan(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def row_counts(db_file: Path) -> dict[str, int]:
+    if not db_file.exists():
+        return {}
+    with sqlite3.connect(db_file) as con:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+        return {
+            t: con.execute(f"select count(*) from {t}").fetchone()[0]
+            for t in ("cells", "rois", "slide_results")
+            if t in tables
+        }
+
+
+@pytest.fixture(scope="module")
+def small_slide(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("slides") / "small.tiff"
+    write_synthetic_slide(path, width=2048, height=2048, mpp=0.5, seed=3, cells=60)
+    return path
+
+
+def no_mpp_tiff(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    image = rng.integers(180, 255, size=(1024, 1024, 3), dtype=np.uint8)
+    tifffile.imwrite(path, image, tile=(256, 256), compression="jpeg", photometric="rgb")
+    return path
+
+
+def bad_inputs(tmp: Path, small_slide: Path) -> dict[str, tuple[Path, list[str]]]:
+    text = tmp / "notes.svs"
+    text.write_text("this is not a slide\n")
+    truncated = tmp / "truncated.tiff"
+    truncated.write_bytes(small_slide.read_bytes()[: small_slide.stat().st_size // 2])
+    kfb = tmp / "slide.kfb"
+    kfb.write_bytes(np.random.default_rng(1).bytes(4096))
+    return {
+        "missing": (tmp / "nope.svs", []),
+        "directory": (tmp, []),
+        "text named .svs": (text, []),
+        "truncated TIFF": (truncated, []),
+        "no mpp": (no_mpp_tiff(tmp / "no-mpp.tiff"), []),
+        "unsupported .kfb": (kfb, []),
+        "missing model repository": (small_slide, ["--models", str(tmp / "no-models")]),
+    }
+
+
+CASES = [
+    "missing",
+    "directory",
+    "text named .svs",
+    "truncated TIFF",
+    "no mpp",
+    "unsupported .kfb",
+    "missing model repository",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_in_one_sentence_without_rows(
+    case: str, tmp_path: Path, small_slide: Path
+) -> None:
+    path, extra = bad_inputs(tmp_path, small_slide)[case]
+    db_file = tmp_path / "results.db"
+    result = papscan("scan", str(path), "--db", f"sqlite:///{db_file}", "--no-progress", *extra)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("papscan:") and "Traceback" not in result.stderr
+    assert not any(row_counts(db_file).values()), row_counts(db_file)
+
+
+def test_invalid_model_config_fails_in_one_sentence(tmp_path: Path, small_slide: Path) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(default_repository_path(), repo)
+    config = repo / "cell_classifier" / "config.yaml"
+    config.write_text(config.read_text().replace("max_batch_size:", "max_batch_size: eight\n_x:"))
+    result = papscan(
+        "scan",
+        str(small_slide),
+        "--db",
+        f"sqlite:///{tmp_path / 'r.db'}",
+        "--models",
+        str(repo),
+        "--no-progress",
+    )
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "config.yaml" in result.stderr
+
+
+def test_unreachable_database_fails_in_one_sentence(small_slide: Path) -> None:
+    result = papscan(
+        "scan",
+        str(small_slide),
+        "--db",
+        "postgresql+psycopg://postgres@127.0.0.1:5999/test",
+        "--no-progress",
+    )
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "5999" in result.stderr
+
+
+def test_mpp_option_rescues_a_file_without_mpp(tmp_path: Path) -> None:
+    path = no_mpp_tiff(tmp_path / "no-mpp.tiff")
+    result = papscan(
+        "scan", str(path), "--db", f"sqlite:///{tmp_path / 'r.db'}", "--mpp", "0.5", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_scan_json_then_export_csv(tmp_path: Path, small_slide: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    result = papscan("scan", str(small_slide), "--db", db, "--json")
+    assert result.returncode == 0, result.stderr
+    import json
+
+    report = json.loads(result.stdout)
+    assert {"category", "score", "cell_count", "class_counts"} <= set(report["summary"])
+    assert {"detect", "classify_cells", "total"} <= set(report["timings_ms"])
+    exported = papscan("export", str(report["scan_id"]), "--format", "csv", "--db", db)
+    assert exported.returncode == 0, exported.stderr
+    lines = exported.stdout.strip().splitlines()
+    assert lines[0].startswith("x,y,w,h,label,score,detection_score")
+    assert len(lines) - 1 == report["summary"]["cell_count"]
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "wsi" / "CMU-1-Small-Region.svs").exists(),
+    reason="../shared/data/wsi/CMU-1-Small-Region.svs is not on this machine",
+)
+def test_real_aperio_slide_scans_or_says_why(tmp_path: Path) -> None:
+    svs = SHARED_DATA / "wsi" / "CMU-1-Small-Region.svs"
+    result = papscan("scan", str(svs), "--db", f"sqlite:///{tmp_path / 'r.db'}", "--json")
+    assert "Traceback" not in result.stderr
+    if result.returncode == 0:
+        import json
+
+        assert json.loads(result.stdout)["reader"].startswith("dali")
+    else:
+        assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,129 @@
+"""`papscan scan` end to end on a synthetic slide, with the shipped models (nothing trained).
+
+Real OpenSlide, real DALI (CPU), real ONNX Runtime, a real SQLite file and the real
+PostgreSQL on this machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from engines.repository import ModelRepository, default_repository_path
+from train.evaluation import match_cells
+from train.synth import read_truth, write_synthetic_slide
+from worker.db import queries
+from worker.db.models import Cell, Roi, Scan
+from worker.db.session import Database
+from worker.export import write_cells
+from worker.pipeline.scan import ScanOptions
+from worker.scanner import scan_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def slide_8k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("slides") / "synthetic-8k.tiff"
+    write_synthetic_slide(path, width=8192, height=8192, mpp=0.5, seed=11, cells=600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def repository() -> ModelRepository:
+    return ModelRepository(default_repository_path())
+
+
+@pytest.fixture(scope="module")
+def dali_scan(slide_8k: Path, repository: ModelRepository, tmp_path_factory):
+    db = Database(f"sqlite:///{tmp_path_factory.mktemp('db') / 'results.db'}")
+    report = scan_file(slide_8k, db, repository, options=ScanOptions(reader="dali"))
+    return db, report
+
+
+def cells_of(db: Database, scan_id: int) -> list:
+    with db.session() as s:
+        return list(queries.iter_cells(s, scan_id))
+
+
+def test_scan_finds_and_classifies_the_ground_truth_cells(slide_8k: Path, dali_scan) -> None:
+    db, report = dali_scan
+    truth = read_truth(slide_8k)
+    assert len(truth) >= 500
+    found = cells_of(db, report.scan_id)
+    m = match_cells(truth, found)
+    print(
+        f"recall {m.recall:.3f} precision {m.precision:.3f} accuracy {m.accuracy:.3f} "
+        f"confusion {m.confusion}"
+    )
+    assert m.recall >= 0.90
+    assert m.precision >= 0.90
+    assert m.accuracy >= 0.85
+    assert report.reader.startswith("dali")
+
+
+def test_one_row_per_detected_cell(dali_scan) -> None:
+    db, report = dali_scan
+    found = cells_of(db, report.scan_id)
+    assert len(found) == report.summary.cell_count == sum(report.summary.class_counts.values())
+    boxes = {(c.x, c.y, c.w, c.h) for c in found}
+    assert len(boxes) == len(found), "a cell seen in two overlapping ROIs was written twice"
+    with db.session() as s:
+        scan = s.get(Scan, report.scan_id)
+        assert scan.status == "done"
+        assert scan.rois_done == scan.rois_planned == report.rois_planned
+        assert set(scan.model_versions) == {"cell_detector", "cell_classifier", "roi_classifier"}
+        rois = s.scalar(select(func.count()).select_from(Roi).where(Roi.scan_id == scan.id))
+        assert rois == report.rois_planned
+        ranked = s.scalars(
+            select(Cell.review_rank).where(Cell.scan_id == scan.id, Cell.review_rank.is_not(None))
+        ).all()
+        assert sorted(ranked) == list(range(1, len(report.summary.top_cells) + 1))
+
+
+def test_dali_and_openslide_paths_give_the_same_cells(
+    slide_8k: Path, dali_scan, repository: ModelRepository
+) -> None:
+    db, report = dali_scan
+    other = scan_file(slide_8k, db, repository, options=ScanOptions(reader="openslide"))
+    assert other.reader == "openslide"
+    key = lambda c: (c.x, c.y, c.w, c.h, c.label)  # noqa: E731
+    assert sorted(map(key, cells_of(db, other.scan_id))) == sorted(
+        map(key, cells_of(db, report.scan_id))
+    )
+
+
+def test_rescan_makes_a_new_scan_and_keeps_the_old_rows(
+    slide_8k: Path, dali_scan, repository: ModelRepository
+) -> None:
+    db, report = dali_scan
+    before = len(cells_of(db, report.scan_id))
+    again = scan_file(slide_8k, db, repository)
+    assert again.scan_id != report.scan_id and again.slide_id == report.slide_id
+    assert len(cells_of(db, report.scan_id)) == before
+    assert len(cells_of(db, again.scan_id)) == again.summary.cell_count
+
+
+def test_export_csv_has_one_row_per_cell(slide_8k: Path, dali_scan) -> None:
+    db, report = dali_scan
+    stream = io.StringIO()
+    with db.session() as s:
+        n = write_cells(s, str(report.scan_id), "csv", stream)
+    rows = list(csv.DictReader(io.StringIO(stream.getvalue())))
+    assert n == len(rows) == report.summary.cell_count
+    assert {"x", "y", "w", "h", "label", "score", "detection_score", "roi_id"} <= set(rows[0])
+    geo = io.StringIO()
+    with db.session() as s:
+        write_cells(s, str(slide_8k), "geojson", geo)
+    assert len(json.loads(geo.getvalue())["features"]) > 0
+
+
+def test_scan_into_postgresql(slide_8k: Path, repository: ModelRepository, pg_url: str) -> None:
+    db = Database(pg_url)
+    report = scan_file(slide_8k, db, repository)
+    assert len(cells_of(db, report.scan_id)) == report.summary.cell_count > 500

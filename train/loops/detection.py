@@ -1,8 +1,4 @@
-"""Decode an ultralytics raw head and score detections against truth boxes.
-
-The same decoding as the scanning pipeline (raw `[B, 4 + C, A]` head, confidence filter,
-greedy class-agnostic NMS), written here because `train` never imports `worker`.
-"""
+"""Score detections against truth boxes (decoding and NMS are `engines.postprocess`)."""
 
 from __future__ import annotations
 
@@ -10,36 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from train.loops.metrics import box_iou, detection_report
-
-
-def decode_raw_head(
-    raw: np.ndarray, conf_threshold: float, iou_threshold: float
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`[B, 4 + C, A]` head -> per image `(boxes [K, 4] xyxy input px, scores [K])` after NMS."""
-    out = []
-    for head in raw:
-        scores = head[4:].max(axis=0)
-        keep = scores >= conf_threshold
-        cx, cy, w, h = head[:4, keep]
-        boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
-        scores = scores[keep]
-        kept = greedy_nms(boxes, scores, iou_threshold)
-        out.append((boxes[kept], scores[kept]))
-    return out
-
-
-def greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Indices of boxes kept by greedy NMS, strongest first."""
-    if len(boxes) == 0:
-        return np.empty(0, np.int64)
-    order = np.argsort(-scores, kind="stable")
-    iou = box_iou(boxes[order], boxes[order])
-    suppressed = np.zeros(len(order), bool)
-    for i in range(len(order)):
-        if not suppressed[i]:
-            suppressed[i + 1 :] |= iou[i, i + 1 :] > iou_threshold
-    return order[~suppressed]
+from engines.postprocess import pairwise_iou
+from train.loops.metrics import detection_report
 
 
 def score_detections(
@@ -67,7 +35,7 @@ def score_detections(
     for i, ((boxes, scores), truth) in enumerate(zip(preds, truths, strict=True)):
         order = np.argsort(-scores)
         boxes = boxes[order]
-        iou = box_iou(boxes, truth) if len(truth) else np.zeros((len(boxes), 0))
+        iou = pairwise_iou(boxes, truth) if len(truth) else np.zeros((len(boxes), 0))
         taken = np.zeros(len(truth), bool)
         unmatched = []
         for k in range(len(boxes)):
@@ -81,7 +49,7 @@ def score_detections(
         n_pred += len(boxes)
         ign = ignores[i] if ignores is not None else np.zeros((0, 4))
         if unmatched and len(ign):
-            overlap = box_iou(boxes[unmatched], ign).max(axis=1)
+            overlap = pairwise_iou(boxes[unmatched], ign).max(axis=1)
             n_pred -= int((overlap >= 0.3).sum())
         n_true += len(truth)
     return detection_report(n_true, n_pred, n_matched)

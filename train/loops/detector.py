@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from engines.postprocess import decode_yolo
 from train.data.isbi import BoxedImage
 from train.export.onnx_export import onnx_session
-from train.loops.detection import decode_raw_head, score_detections
+from train.loops.detection import score_detections
 from train.loops.ultralytics_env import import_ultralytics
 
 logger = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def detect_onnx(
     for i in range(0, len(images), batch):
         x = np.stack(images[i : i + batch]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
         raw = session.run(["output0"], {"images": np.ascontiguousarray(x)})[0]
-        out.extend(decode_raw_head(raw, conf_threshold, iou_threshold))
+        out.extend((d.boxes, d.scores) for d in decode_yolo(raw, conf_threshold, iou_threshold))
     return out
 
 

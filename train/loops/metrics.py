@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from engines.postprocess import pairwise_iou
+
 
 def classification_report(
     y_true: np.ndarray, y_pred: np.ndarray, labels: tuple[str, ...]
@@ -50,28 +52,14 @@ def classification_report(
     }
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of [N, 4] and [M, 4] (x0, y0, x1, y1) boxes, as [N, M]."""
-    a = np.asarray(a, np.float64).reshape(-1, 4)
-    b = np.asarray(b, np.float64).reshape(-1, 4)
-    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
-
-
 def match_detections(
     pred_xyxy: np.ndarray, scores: np.ndarray, true_xyxy: np.ndarray, iou_threshold: float = 0.5
 ) -> int:
     """Greedy matching, strongest prediction first, each truth used once; returns matches."""
     if len(pred_xyxy) == 0 or len(true_xyxy) == 0:
         return 0
-    iou = box_iou(np.asarray(pred_xyxy)[np.argsort(-np.asarray(scores))], true_xyxy)
+    order = np.argsort(-np.asarray(scores))
+    iou = pairwise_iou(np.asarray(pred_xyxy, np.float64)[order], np.asarray(true_xyxy, np.float64))
     taken = np.zeros(iou.shape[1], bool)
     matched = 0
     for row in iou:

@@ -1,8 +1,9 @@
 """A model's `config.yaml`, parsed once and validated on load (Triton field names).
 
-The format (see the contracts): `name`, `backend` (preference list), `max_batch_size`,
-`version_policy`, `input`/`output` tensors (`name`, `data_type`, `dims`),
-`dynamic_batching`, `preprocessing`, `labels`, `postprocessing`. `dims` exclude the batch
+The format: `name`, `backend` (preference list), `max_batch_size`, `version_policy`,
+`input`/`output` tensors (`name`, `data_type`, `dims`), `dynamic_batching`
+(`preferred_batch_size`, `max_queue_delay_ms`), `instance_count`, `precision`, `warmup`
+(`batch_sizes`, `data`), `preprocessing`, `labels`, `postprocessing`. `dims` exclude the batch
 dimension when `max_batch_size > 0`; `-1` marks a dynamic dimension.
 
 Every mistake raises `ModelConfigError` with one sentence naming the file, the field and
@@ -46,13 +47,25 @@ _TOP_LEVEL_FIELDS = (
     "input",
     "output",
     "dynamic_batching",
+    "instance_count",
+    "precision",
+    "warmup",
     "preprocessing",
     "labels",
     "postprocessing",
 )
 _TENSOR_FIELDS = ("name", "data_type", "dims")
 _PREPROCESSING_FIELDS = ("mpp", "input_size", "mean", "std", "channel_order", "layout")
-_DYNAMIC_BATCHING_FIELDS = ("preferred_batch_size", "max_queue_delay_microseconds")
+_DYNAMIC_BATCHING_FIELDS = (
+    "preferred_batch_size",
+    "max_queue_delay_ms",
+    "max_queue_delay_microseconds",  # Triton's spelling, accepted as an alternative
+)
+_WARMUP_FIELDS = ("batch_sizes", "data")
+#: Compute precisions a backend may build for (TensorRT); ONNX Runtime and PyTorch run
+#: their artifact as exported.
+PRECISIONS = ("FP32", "FP16", "INT8")
+WARMUP_DATA = ("zero", "random")
 _CHANNEL_ORDERS = ("RGB", "BGR")
 _LAYOUTS = ("NCHW", "NHWC")
 
@@ -132,15 +145,29 @@ class VersionPolicy:
 
 @dataclass(frozen=True)
 class DynamicBatching:
-    """Triton's `dynamic_batching` block; parsed and validated, used by the batcher.
+    """Triton's `dynamic_batching` block: what `engines.batcher.DynamicBatcher` aims for.
 
     Attributes:
-        preferred_batch_size: Batch sizes the batcher aims for, each ≤ `max_batch_size`.
-        max_queue_delay_microseconds: Longest a request waits for others, in µs.
+        preferred_batch_size: Batch sizes the batcher runs as soon as it has gathered
+            one, each ≤ `max_batch_size`; empty means "run at `max_batch_size`".
+        max_queue_delay_ms: Longest the oldest request waits for others, in milliseconds.
     """
 
     preferred_batch_size: tuple[int, ...] = ()
-    max_queue_delay_microseconds: int = 0
+    max_queue_delay_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """What a backend runs before it is ready (`warmup` in the config).
+
+    Attributes:
+        batch_sizes: Batch sizes run once each; empty means 1 and `max_batch_size`.
+        data: ``zero`` or ``random`` (seeded uniform [0, 1), the same on every run).
+    """
+
+    batch_sizes: tuple[int, ...] = ()
+    data: str = "zero"
 
 
 @dataclass(frozen=True)
@@ -157,6 +184,10 @@ class ModelConfig:
         version_policy: Which version folders are served.
         dynamic_batching: The batcher's settings, or None when the model is not batched
             dynamically.
+        instance_count: How many executions of the model may run at once (batcher
+            threads; a TensorRT execution context each).
+        precision: ``FP32``, ``FP16`` or ``INT8``: what a TensorRT engine is built for.
+        warmup: What runs before the model is ready.
         preprocessing: What the image input expects, or None for a model without one.
         labels: Class names, in the order of the model's class outputs.
         postprocessing: Free-form settings read by the consumer (e.g. ``kind: yolo``).
@@ -170,6 +201,9 @@ class ModelConfig:
     outputs: tuple[TensorSpec, ...]
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     dynamic_batching: DynamicBatching | None = None
+    instance_count: int = 1
+    precision: str = "FP16"
+    warmup: Warmup = field(default_factory=Warmup)
     preprocessing: Preprocessing | None = None
     labels: tuple[str, ...] = ()
     postprocessing: dict[str, Any] = field(default_factory=dict)
@@ -324,6 +358,9 @@ class _Parser:
             outputs=outputs,
             version_policy=self.version_policy(raw.get("version_policy", {"latest": 1})),
             dynamic_batching=self.dynamic_batching(raw.get("dynamic_batching"), max_batch_size),
+            instance_count=self.instance_count(raw.get("instance_count", 1)),
+            precision=self.precision(raw.get("precision", "FP16")),
+            warmup=self.warmup(raw.get("warmup"), max_batch_size),
             preprocessing=self.preprocessing(raw.get("preprocessing")),
             labels=self.labels(raw.get("labels", [])),
             postprocessing=self.postprocessing(raw.get("postprocessing", {})),
@@ -427,14 +464,59 @@ class _Parser:
                 f"a list of integers from 1 to max_batch_size ({max_batch_size})",
                 preferred,
             )
-        delay_us = raw.get("max_queue_delay_microseconds", 0)
-        if not _is_int(delay_us) or delay_us < 0:
+        if "max_queue_delay_ms" in raw and "max_queue_delay_microseconds" in raw:
             raise self.fail(
-                "dynamic_batching.max_queue_delay_microseconds", "a non-negative integer", delay_us
+                "dynamic_batching",
+                "given max_queue_delay_ms or max_queue_delay_microseconds, not both",
+                dict(raw),
             )
+        if "max_queue_delay_microseconds" in raw:
+            delay_us = raw["max_queue_delay_microseconds"]
+            if not _is_int(delay_us) or delay_us < 0:
+                raise self.fail(
+                    "dynamic_batching.max_queue_delay_microseconds",
+                    "a non-negative integer",
+                    delay_us,
+                )
+            delay_ms = delay_us / 1000.0
+        else:
+            delay_ms = raw.get("max_queue_delay_ms", 0)
+            if not _is_number(delay_ms) or delay_ms < 0:
+                raise self.fail(
+                    "dynamic_batching.max_queue_delay_ms", "a non-negative number", delay_ms
+                )
         return DynamicBatching(
-            preferred_batch_size=tuple(preferred), max_queue_delay_microseconds=delay_us
+            preferred_batch_size=tuple(sorted(set(preferred))), max_queue_delay_ms=float(delay_ms)
         )
+
+    def instance_count(self, value: Any) -> int:
+        if not _is_int(value) or value < 1:
+            raise self.fail("instance_count", "a positive integer", value)
+        return value
+
+    def precision(self, value: Any) -> str:
+        if value not in PRECISIONS:
+            raise self.fail("precision", f"one of {', '.join(PRECISIONS)}", value)
+        return value
+
+    def warmup(self, value: Any, max_batch_size: int) -> Warmup:
+        if value is None:
+            return Warmup()
+        raw = self.mapping(value, "warmup", _WARMUP_FIELDS)
+        sizes = raw.get("batch_sizes", [])
+        limit = max(max_batch_size, 1)
+        if not isinstance(sizes, list) or not all(_is_int(b) and 1 <= b <= limit for b in sizes):
+            raise self.fail(
+                "warmup.batch_sizes",
+                f"a list of integers from 1 to max_batch_size ({limit})",
+                sizes,
+            )
+        if sizes and max_batch_size == 0:
+            raise self.fail("warmup.batch_sizes", "empty for a model without batching", sizes)
+        data = raw.get("data", "zero")
+        if data not in WARMUP_DATA:
+            raise self.fail("warmup.data", " or ".join(WARMUP_DATA), data)
+        return Warmup(batch_sizes=tuple(sorted(set(sizes))), data=data)
 
     def preprocessing(self, value: Any) -> Preprocessing | None:
         if value is None:

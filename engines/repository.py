@@ -207,7 +207,7 @@ def _choose_backend(
     has_artifact = False
     for backend_name in config.backend:
         backend_cls = BACKENDS[backend_name]
-        if not (version_dir / backend_cls.artifact_name).is_file():
+        if backend_cls.find_artifact(version_dir) is None:
             skipped.append(f"{backend_name}: no {backend_cls.artifact_name}")
             continue
         has_artifact = True

@@ -3,9 +3,17 @@
 A backend class is constructed with a `ModelConfig`, then `load`-ed from one version
 folder, `warmup`-ed (it is not ready until that returns), asked to `infer` any number of
 times, and `close`-d. The repository picks the first backend of the config's preference
-list that has its artifact in the version folder and can run on the device
-(`artifact_path`, `unavailable_reason`); `engines.model.Model` validates inputs and splits
+list that finds its artifact in the version folder and can run on the device
+(`find_artifact`, `unavailable_reason`); `engines.model.Model` validates inputs and splits
 batches, so `infer` only ever sees batches of at most `max_batch_size`.
+
+`infer` may be called from `config.instance_count` threads at once (the dynamic batcher's
+executors): a backend is either thread-safe or keeps per-thread state (a TensorRT
+execution context and stream per thread).
+
+Inputs are host numpy arrays, or, on a GPU backend, arrays already in device memory that
+expose `__cuda_array_interface__` (DALI and PyTorch CUDA tensors do); see
+`engines.tensors`. Outputs are always host numpy arrays.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
-from engines.errors import BackendUnavailableError
+from engines.errors import BackendUnavailableError, ModelLoadError
 
 if TYPE_CHECKING:
     from engines.config import ModelConfig, TensorSpec
@@ -62,7 +70,8 @@ class Backend(Protocol):
 
     Attributes:
         name: Key of the backend in `engines.backends.BACKENDS` and in `config.yaml`.
-        artifact_name: The file this backend loads from a version folder.
+        artifact_name: The file this backend loads from a version folder, as a user
+            would look for it (``model.onnx``, ``model.pt2``, ``model.<gpu>.<trt>.plan``).
         config: The model's config, frozen, parsed once from `config.yaml`.
     """
 
@@ -71,6 +80,14 @@ class Backend(Protocol):
     config: ModelConfig
 
     def __init__(self, config: ModelConfig) -> None: ...
+
+    @classmethod
+    def find_artifact(cls, version_dir: Path) -> Path | None:
+        """The file in `version_dir` this backend would load (or build from), or None.
+
+        Must be cheap and must not import the runtime.
+        """
+        ...
 
     @classmethod
     def unavailable_reason(cls, device: Device) -> str | None:
@@ -82,7 +99,7 @@ class Backend(Protocol):
         ...
 
     def load(self, version_dir: Path, device: Device) -> None:
-        """Loads `version_dir / artifact_name` onto `device`.
+        """Loads the version's artifact (see `find_artifact`) onto `device`.
 
         Raises:
             ModelLoadError: The artifact is corrupt or does not match the config.
@@ -91,7 +108,11 @@ class Backend(Protocol):
         ...
 
     def warmup(self) -> None:
-        """Runs inference on zeros at batch sizes 1 and `max_batch_size`; ready after."""
+        """Runs `warmup_feeds(config)` through `infer`; the backend is ready after.
+
+        Raises:
+            ModelLoadError: A warm-up inference failed (the sentence names the batch size).
+        """
         ...
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -108,14 +129,15 @@ class Backend(Protocol):
 
 
 def warmup_batch_sizes(config: ModelConfig) -> list[int | None]:
-    """Batch sizes a warm-up runs: 1 and `max_batch_size`, or None for an unbatched model."""
+    """Batch sizes a warm-up runs: the config's `warmup.batch_sizes`, else 1 and
+    `max_batch_size`; None for an unbatched model."""
     if not config.is_batched:
         return [None]
-    return sorted({1, config.max_batch_size})
+    return list(config.warmup.batch_sizes) or sorted({1, config.max_batch_size})
 
 
-def zeros_like_spec(config: ModelConfig, spec: TensorSpec, batch_size: int | None) -> np.ndarray:
-    """An all-zero input for `spec`: dynamic dims become 1, or the image size for input[0].
+def example_shape(config: ModelConfig, spec: TensorSpec, batch_size: int | None) -> list[int]:
+    """A concrete shape for `spec`: dynamic dims become 1, or the image size for input[0].
 
     Args:
         config: The model's config (its `preprocessing` sizes the image input).
@@ -128,4 +150,54 @@ def zeros_like_spec(config: ModelConfig, spec: TensorSpec, batch_size: int | Non
         width, height = pre.input_size
         # The config check guarantees the last three dims agree with these (or are -1).
         shape[-3:] = [3, height, width] if pre.layout == "NCHW" else [height, width, 3]
-    return np.zeros([1 if d == -1 else d for d in shape], dtype=spec.dtype)
+    return [1 if d == -1 else d for d in shape]
+
+
+def zeros_like_spec(config: ModelConfig, spec: TensorSpec, batch_size: int | None) -> np.ndarray:
+    """An all-zero input for `spec` of `example_shape`."""
+    return np.zeros(example_shape(config, spec, batch_size), dtype=spec.dtype)
+
+
+def example_feed(
+    config: ModelConfig, batch_size: int | None, data: str = "zero", seed: int = 0
+) -> dict[str, np.ndarray]:
+    """One input per config input at `batch_size`: zeros, or seeded uniform [0, 1) values.
+
+    The same `seed` gives the same arrays on every machine, so backends can be compared on
+    them (`papscan models verify`).
+    """
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in config.inputs:
+        shape = example_shape(config, spec, batch_size)
+        if data == "random":
+            feed[spec.name] = rng.random(shape).astype(spec.dtype)
+        else:
+            feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return feed
+
+
+def warmup_feeds(config: ModelConfig) -> list[tuple[int | None, dict[str, np.ndarray]]]:
+    """(batch size, inputs) pairs a backend's `warmup` runs, from the config's `warmup`."""
+    return [
+        (batch_size, example_feed(config, batch_size, config.warmup.data))
+        for batch_size in warmup_batch_sizes(config)
+    ]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a runtime's error message, or its type where it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def run_warmup(backend: Backend, artifact: Path | None) -> None:
+    """Runs `warmup_feeds` through `backend.infer`, turning a failure into ModelLoadError."""
+    for batch_size, feed in warmup_feeds(backend.config):
+        try:
+            backend.infer(feed)
+        except Exception as exc:  # runtimes raise their own Exception subclasses
+            raise ModelLoadError(
+                f"{artifact}: the warm-up inference at batch {batch_size} failed "
+                f"({first_line(exc)})"
+            ) from exc

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from engines.backends.base import Device, warmup_batch_sizes, zeros_like_spec
+from engines.backends.base import Device, first_line, run_warmup
 from engines.errors import BackendUnavailableError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -99,9 +98,8 @@ class OnnxRuntimeBackend:
         try:
             session = ort.InferenceSession(str(artifact), sess_options=options, providers=providers)
         except Exception as exc:  # ONNX Runtime raises its own Exception subclasses
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(
-                f"{artifact}: ONNX Runtime cannot load the model ({reason})"
+                f"{artifact}: ONNX Runtime cannot load the model ({first_line(exc)})"
             ) from exc
         used = session.get_providers()
         if device.kind == "cuda" and CUDA_PROVIDER not in used:
@@ -117,27 +115,13 @@ class OnnxRuntimeBackend:
         self._session = session
         self._artifact = artifact
 
+    @classmethod
+    def find_artifact(cls, version_dir: Path) -> Path | None:
+        path = Path(version_dir) / cls.artifact_name
+        return path if path.is_file() else None
+
     def warmup(self) -> None:
-        for batch_size in warmup_batch_sizes(self.config):
-            feed = {
-                spec.name: zeros_like_spec(self.config, spec, batch_size)
-                for spec in self.config.inputs
-            }
-            start = time.perf_counter()
-            try:
-                self.infer(feed)
-            except Exception as exc:  # ONNX Runtime raises its own Exception subclasses
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                raise ModelLoadError(
-                    f"{self._artifact}: the warm-up inference at batch {batch_size} failed "
-                    f"({reason})"
-                ) from exc
-            logger.debug(
-                "%s: warm-up at batch %s took %.1f ms",
-                self.config.name,
-                batch_size,
-                (time.perf_counter() - start) * 1e3,
-            )
+        run_warmup(self, self._artifact)
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:

@@ -8,12 +8,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from engines.backends import BACKENDS
 from engines.config import (
     DynamicBatching,
     ModelConfig,
     Preprocessing,
     TensorSpec,
     VersionPolicy,
+    Warmup,
     load_config,
 )
 from engines.errors import ModelConfigError, PapscanError
@@ -133,12 +135,30 @@ def test_version_policies(
     assert config.version_policy.select([7, 1, 3]) == served
 
 
-def test_dynamic_batching_is_parsed(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "delay", ["max_queue_delay_ms: 2", "max_queue_delay_microseconds: 2000"]
+)
+def test_dynamic_batching_is_parsed(tmp_path: Path, delay: str) -> None:
     text = CONTRACT_CONFIGS["cell_classifier"] + (
-        "dynamic_batching: {preferred_batch_size: [64, 256], max_queue_delay_microseconds: 2000}\n"
+        f"dynamic_batching: {{preferred_batch_size: [256, 64], {delay}}}\n"
     )
     config = load_config(_write(tmp_path, "cell_classifier", text))
-    assert config.dynamic_batching == DynamicBatching((64, 256), 2000)
+    assert config.dynamic_batching == DynamicBatching((64, 256), 2.0)
+
+
+def test_instances_precision_and_warmup_are_parsed(tmp_path: Path) -> None:
+    text = CONTRACT_CONFIGS["cell_classifier"] + (
+        "instance_count: 2\nprecision: INT8\nwarmup: {batch_sizes: [8, 1], data: random}\n"
+    )
+    config = load_config(_write(tmp_path, "cell_classifier", text))
+    assert (config.instance_count, config.precision) == (2, "INT8")
+    assert config.warmup == Warmup(batch_sizes=(1, 8), data="random")
+
+
+def test_defaults_of_the_optional_fields(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, "cell_classifier", CONTRACT_CONFIGS["cell_classifier"]))
+    assert (config.instance_count, config.precision) == (1, "FP16")
+    assert config.warmup == Warmup()
 
 
 def _set(key: str, value: Any) -> Any:
@@ -202,7 +222,8 @@ CONFIG_ERRORS = [
         "unknown key",
         _set("platform", "onnxruntime_onnx"),
         "unknown field 'platform' (known fields: name, backend, max_batch_size, version_policy, "
-        "input, output, dynamic_batching, preprocessing, labels, postprocessing)",
+        "input, output, dynamic_batching, instance_count, precision, warmup, preprocessing, "
+        "labels, postprocessing)",
     ),
     (
         "name mismatch",
@@ -212,7 +233,7 @@ CONFIG_ERRORS = [
     (
         "unknown backend",
         _set("backend", ["onnxruntime", "tensorflow"]),
-        "backend[1] must be one of onnxruntime, got 'tensorflow'",
+        f"backend[1] must be one of {', '.join(BACKENDS)}, got 'tensorflow'",
     ),
     (
         "backend not a list",
@@ -348,6 +369,43 @@ CONFIG_ERRORS = [
         "max_batch_size (8), got [16]",
     ),
     (
+        "dynamic batching both delays",
+        _set("dynamic_batching", {"max_queue_delay_ms": 1, "max_queue_delay_microseconds": 1000}),
+        "dynamic_batching must be given max_queue_delay_ms or max_queue_delay_microseconds, "
+        "not both, got {'max_queue_delay_ms': 1, 'max_queue_delay_microseconds': 1000}",
+    ),
+    (
+        "dynamic batching negative delay",
+        _set("dynamic_batching", {"max_queue_delay_ms": -1}),
+        "dynamic_batching.max_queue_delay_ms must be a non-negative number, got -1",
+    ),
+    (
+        "dynamic batching unknown key",
+        _set("dynamic_batching", {"max_queue_delay": 1}),
+        "unknown field 'max_queue_delay' in dynamic_batching (known fields: "
+        "preferred_batch_size, max_queue_delay_ms, max_queue_delay_microseconds)",
+    ),
+    (
+        "instance count zero",
+        _set("instance_count", 0),
+        "instance_count must be a positive integer, got 0",
+    ),
+    (
+        "precision lower case",
+        _set("precision", "fp16"),
+        "precision must be one of FP32, FP16, INT8, got 'fp16'",
+    ),
+    (
+        "warmup batch too big",
+        _set("warmup", {"batch_sizes": [1, 9]}),
+        "warmup.batch_sizes must be a list of integers from 1 to max_batch_size (8), got [1, 9]",
+    ),
+    (
+        "warmup data",
+        _set("warmup", {"data": "ones"}),
+        "warmup.data must be zero or random, got 'ones'",
+    ),
+    (
         "postprocessing not a mapping",
         _set("postprocessing", ["yolo"]),
         "postprocessing must be a mapping of settings, got ['yolo']",
@@ -398,8 +456,8 @@ def test_config_errors_are_one_sentence(
         pytest.param(
             "- name: tiny\n",
             "the file must be a mapping with fields name, backend, max_batch_size, "
-            "version_policy, input, output, dynamic_batching, preprocessing, labels, "
-            "postprocessing, got [{'name': 'tiny'}]",
+            "version_policy, input, output, dynamic_batching, instance_count, precision, warmup, "
+            "preprocessing, labels, postprocessing, got [{'name': 'tiny'}]",
             id="top level list",
         ),
     ],

@@ -126,7 +126,7 @@ def test_non_contiguous_input(classifier: Model) -> None:
         ),
         pytest.param(
             {"crops": [[0.0]]},
-            "tiny_classifier@1: input 'crops' must be a numpy array, got list",
+            "tiny_classifier@1: input 'crops' must be a numpy or CUDA array, got list",
             id="list",
         ),
     ],

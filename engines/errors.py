@@ -29,3 +29,7 @@ class BackendUnavailableError(PapscanError):
 
 class ModelInputError(PapscanError, ValueError):
     """Arrays given to a model disagree with its config (names, dtypes or shapes): fix the call."""
+
+
+class BatcherClosedError(PapscanError):
+    """A dynamic batcher was closed: the request was not (or will not be) run."""

@@ -14,8 +14,9 @@ Triton's meanings, kept here:
 - `nv_inference_pending_request_count` is a gauge of requests waiting for a batch.
 
 The worker serves `METRICS` over HTTP (`prometheus_client` collector); tests and the CLI
-read `snapshot()`. Names carry no `_total` suffix, exactly as Triton exposes them, so
-dashboards written for Triton read papscan's workers unchanged.
+read `snapshot()`. On the wire the counters carry the `_total` suffix that OpenMetrics and
+prometheus_client require of a counter (`nv_inference_request_success_total`); that suffix
+is the only difference from Triton's names, so a Triton dashboard needs `_total` added.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 
 COUNTERS: dict[str, str] = {
@@ -34,9 +35,7 @@ COUNTERS: dict[str, str] = {
     "nv_inference_exec_count": "Number of model executions performed (a batch counts once)",
     "nv_inference_request_duration_us": "Cumulative inference request duration in microseconds",
     "nv_inference_queue_duration_us": "Cumulative inference queuing duration in microseconds",
-    "nv_inference_compute_input_duration_us": (
-        "Cumulative compute input duration in microseconds"
-    ),
+    "nv_inference_compute_input_duration_us": ("Cumulative compute input duration in microseconds"),
     "nv_inference_compute_infer_duration_us": (
         "Cumulative compute inference duration in microseconds"
     ),
@@ -45,7 +44,7 @@ COUNTERS: dict[str, str] = {
     ),
 }
 PENDING_GAUGE = "nv_inference_pending_request_count"
-_LABELS = ("model", "version")
+_LABELS = ["model", "version"]
 
 
 @dataclass(frozen=True)
@@ -132,10 +131,9 @@ class InferenceMetrics:
         """Prometheus' collector hook: one family per counter and the pending gauge."""
         snapshot = self.snapshot()
         for name, documentation in COUNTERS.items():
-            # A bare Metric keeps Triton's sample name (CounterMetricFamily would add _total).
-            family = Metric(name, documentation, "counter")
+            family = CounterMetricFamily(name, documentation, labels=_LABELS)
             for (model, version), values in snapshot.items():
-                family.add_sample(name, dict(zip(_LABELS, (model, version))), values[name])
+                family.add_metric([model, version], values[name])
             yield family
         gauge = GaugeMetricFamily(
             PENDING_GAUGE, "Number of requests waiting for a batch", labels=_LABELS

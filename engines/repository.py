@@ -25,6 +25,7 @@ from engines.backends import BACKENDS
 from engines.backends.base import Backend, Device
 from engines.config import CONFIG_FILENAME, ModelConfig, load_config
 from engines.errors import BackendUnavailableError, ModelLoadError, ModelNotFoundError
+from engines.metrics import METRICS, InferenceMetrics
 from engines.model import Model
 
 logger = logging.getLogger(__name__)
@@ -46,13 +47,16 @@ class ModelRepository:
 
     Args:
         path: The repository folder.
+        metrics: Where its models count requests and executions; None means the
+            process-wide `engines.metrics.METRICS` that the worker serves.
 
     Raises:
         ModelNotFoundError: `path` is not a folder.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, metrics: InferenceMetrics | None = None) -> None:
         self.path = Path(path)
+        self.metrics = METRICS if metrics is None else metrics
         if not self.path.is_dir():
             raise ModelNotFoundError(f"the model repository {self.path} does not exist")
 
@@ -142,7 +146,16 @@ class ModelRepository:
             selection,
             backend.describe(),
         )
-        return Model(config, version, version_dir, card, backend_cls.name, backend, selection)
+        return Model(
+            config,
+            version,
+            version_dir,
+            card,
+            backend_cls.name,
+            backend,
+            selection,
+            metrics=self.metrics,
+        )
 
     def _version_folders(self, name: str) -> list[int]:
         folders = []

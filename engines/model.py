@@ -220,7 +220,9 @@ class Model:
                         f"got {dtype}"
                     )
             want_shape = self.config.full_shape(spec)
-            fixed_ok = all(want in (-1, have) for want, have in zip(want_shape, shape, strict=False))
+            fixed_ok = all(
+                want in (-1, have) for want, have in zip(want_shape, shape, strict=False)
+            )
             if len(shape) != len(want_shape) or not fixed_ok:
                 raise ModelInputError(
                     f"{who}: input '{name}' must have shape {list(want_shape)} (-1 = any), "

@@ -102,6 +102,7 @@ class ModelRepository:
         *,
         device: str | Device = "auto",
         warmup: bool = True,
+        backend: str | None = None,
     ) -> Model:
         """Loads one version of a model on the first backend that can run it.
 
@@ -111,6 +112,8 @@ class ModelRepository:
             device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (see `Device`).
             warmup: Run the backend's warm-up before returning (the model is not ready
                 for timed work until it has run).
+            backend: Use this backend (one of the config's list) instead of the first
+                available one; `papscan models verify` compares them this way.
 
         Returns:
             The loaded model; `close()` it when done.
@@ -127,7 +130,7 @@ class ModelRepository:
         version = self._served_version(config, version)
         version_dir = self.path / name / str(version)
         card = _read_card(version_dir)
-        backend_cls, selection = _choose_backend(config, version, version_dir, device)
+        backend_cls, selection = _choose_backend(config, version, version_dir, device, backend)
         backend: Backend = backend_cls(config)
         start = time.perf_counter()
         backend.load(version_dir, device)
@@ -209,16 +212,31 @@ def _read_card(version_dir: Path) -> dict[str, Any]:
 
 
 def _choose_backend(
-    config: ModelConfig, version: int, version_dir: Path, device: Device
+    config: ModelConfig,
+    version: int,
+    version_dir: Path,
+    device: Device,
+    only: str | None = None,
 ) -> tuple[type[Backend], str]:
     """The first backend of the config's list with its artifact that can run on `device`.
+
+    Args:
+        only: Consider just this backend (it must be in the config's list).
 
     Returns:
         The backend class, and the reason it was chosen (the ones skipped before it).
     """
+    candidates = config.backend
+    if only is not None:
+        if only not in config.backend:
+            raise BackendUnavailableError(
+                f"model '{config.name}' does not list backend '{only}' "
+                f"(its backends: {', '.join(config.backend)})"
+            )
+        candidates = (only,)
     skipped: list[str] = []
     has_artifact = False
-    for backend_name in config.backend:
+    for backend_name in candidates:
         backend_cls = BACKENDS[backend_name]
         if backend_cls.find_artifact(version_dir) is None:
             skipped.append(f"{backend_name}: no {backend_cls.artifact_name}")
@@ -228,6 +246,8 @@ def _choose_backend(
         if reason is not None:
             skipped.append(f"{backend_name}: {reason}")
             continue
+        if only is not None:
+            return backend_cls, f"asked for, available for {device}"
         if skipped:
             return backend_cls, f"first available for {device}; skipped {'; '.join(skipped)}"
         return backend_cls, f"first preference, available for {device}"

@@ -7,18 +7,16 @@ imports `train`; heavy modules are imported inside the commands that need them.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
-from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from engines.errors import PapscanError
+from worker.cli_common import fails_in_one_sentence, repository
 
 app = typer.Typer(
     name="papscan",
@@ -55,34 +53,6 @@ class ExportFormat(StrEnum):
     geojson = "geojson"
 
 
-def fails_in_one_sentence(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn papscan's errors into one line on stderr and exit code 1, never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except PapscanError as exc:
-            _fail(str(exc))
-        except KeyboardInterrupt:
-            _fail("interrupted; a scan that did not finish was marked failed and left no rows")
-        except Exception as exc:  # a bug: still one line, the traceback goes to the log
-            logging.getLogger("papscan").debug("unexpected error", exc_info=True)
-            _fail(
-                f"internal error ({type(exc).__name__}: {exc}); rerun with --verbose "
-                "for the traceback"
-            )
-
-    return wrapper
-
-
-def _fail(sentence: str) -> None:
-    from worker.console import err
-
-    err.print(f"[bold red]papscan:[/] {sentence}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
 @app.callback()
 def main(
     verbose: Annotated[
@@ -101,13 +71,6 @@ def _database(url: str | None):
     from worker.settings import get_settings
 
     return Database(url or get_settings().db_url)
-
-
-def _repository(path: Path | None):
-    from engines.repository import ModelRepository, default_repository_path
-    from worker.settings import get_settings
-
-    return ModelRepository(path or get_settings().models_dir or default_repository_path())
 
 
 @app.command()
@@ -134,7 +97,7 @@ def scan(
         report = scan_file(
             slide,
             _database(db),
-            _repository(models),
+            repository(models),
             mpp=mpp,
             options=ScanOptions(reader=reader.value),
             progress=on_progress,
@@ -221,7 +184,7 @@ def demo(
         out.print(f"writing a synthetic slide to {path} …")
         write_synthetic_slide(path, width=size, height=size, mpp=0.5, seed=0, cells=cells)
     with roi_progress(path.name) as on_progress:
-        report = scan_file(path, _database(db), _repository(None), progress=on_progress)
+        report = scan_file(path, _database(db), repository(None), progress=on_progress)
     print_report(report)
     database = _database(db)
     from worker.db import queries
@@ -236,5 +199,9 @@ def demo(
 
 
 from train.cli import train_app  # noqa: E402  (composition root: mounted after the app exists)
+from worker.models_cli import models_app  # noqa: E402
 
 app.add_typer(train_app, name="train", help="Train models and write a model repository.")
+app.add_typer(
+    models_app, name="models", help="Inspect, verify, warm up and time a model repository."
+)

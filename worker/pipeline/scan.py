@@ -1,9 +1,11 @@
 """The streaming slide pipeline: plan -> read -> detect -> classify cells -> classify ROIs.
 
-Reads run ahead on a thread pool (bounded), detection runs on ROI batches, crops from many
-ROIs are pooled into the cell classifier's batches, and results leave in chunks of ROIs
-through a write-behind thread (bounded). Only a chunk's worth of ROIs, the read-ahead
-queue and the review heap are ever held, so memory stays flat whatever the slide size.
+Reads run ahead on a thread pool (bounded), detection runs on ROI batches, each ROI's
+crops go to the cell classifier's dynamic batcher as soon as they are cut (it pools
+them from many ROIs into full batches and runs them while detection goes on), and results
+leave in chunks of ROIs through a write-behind thread (bounded). Only a chunk's worth of
+ROIs, the read-ahead queue and the review heap are ever held, so memory stays flat
+whatever the slide size.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from engines.batcher import DynamicBatcher
 from engines.model import Model
 from engines.postprocess import decode_yolo
 from engines.preprocess import cut_crops, to_input
@@ -39,11 +43,16 @@ Progress = Callable[[int, int], None]
 
 @dataclass
 class ScanModels:
-    """The three engines a scan needs, loaded from one model repository."""
+    """The three engines a scan needs, loaded from one model repository, and the cell
+    classifier's dynamic batcher (its threads live as long as the models)."""
 
     detector: Model
     cell_classifier: Model
     roi_classifier: Model
+    cell_batcher: DynamicBatcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cell_batcher = DynamicBatcher(self.cell_classifier)
 
     @classmethod
     def load(cls, repository: ModelRepository) -> ScanModels:
@@ -58,6 +67,7 @@ class ScanModels:
         return (self.detector, self.cell_classifier, self.roi_classifier)
 
     def close(self) -> None:
+        self.cell_batcher.close()
         for model in self.all():
             model.close()
 
@@ -101,7 +111,7 @@ class _Pending:
     l0_box: tuple[int, int, int, int]
     l0_boxes: np.ndarray
     det_scores: np.ndarray
-    crops: np.ndarray
+    cell_outputs: Future[dict[str, np.ndarray]]
 
 
 @dataclass
@@ -231,30 +241,30 @@ class ScanPipeline:
                 crops = cut_crops(image, centres, self.crop_field_px, self.crop_px)
                 out.append(
                     _Pending(
-                        roi.index, (roi.l0_x, roi.l0_y, roi.l0_w, roi.l0_h), l0_boxes, scores, crops
+                        roi.index,
+                        (roi.l0_x, roi.l0_y, roi.l0_w, roi.l0_h),
+                        l0_boxes,
+                        scores,
+                        self._submit_cells(crops),
                     )
                 )
         return out
 
+    def _submit_cells(self, crops: np.ndarray) -> Future[dict[str, np.ndarray]]:
+        """Hands one ROI's crops to the cell classifier's batcher; runs in the background."""
+        config = self.models.cell_classifier.config
+        return self.models.cell_batcher.submit(
+            {config.inputs[0].name: to_input(crops, config.preprocessing)}
+        )
+
     def _classify(
         self, pending: list[_Pending], aggregator: SlideAggregator, clock: StageClock
     ) -> tuple[list[RoiResult], list[CellResult]]:
-        cell_model = self.models.cell_classifier
         counts = [len(p.det_scores) for p in pending]
-        with clock.stage("classify_cells"):
-            crops = np.concatenate([p.crops for p in pending])
-            if len(crops):
-                out = cell_model.infer(
-                    {
-                        cell_model.config.inputs[0].name: to_input(
-                            crops, cell_model.config.preprocessing
-                        )
-                    }
-                )
-                probs, features = out["probs"], out["features"]
-            else:
-                probs = np.zeros((0, len(self.labels)), np.float32)
-                features = np.zeros((0, cell_model.config.output("features").dims[0]), np.float32)
+        with clock.stage("classify_cells"):  # waiting for the batcher's results
+            outputs = [p.cell_outputs.result() for p in pending]
+            probs = np.concatenate([o["probs"] for o in outputs])
+            features = np.concatenate([o["features"] for o in outputs])
         with clock.stage("classify_rois"):
             roi_probs, attention = self._classify_rois(features, counts)
         rois: list[RoiResult] = []

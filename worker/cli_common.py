@@ -1,0 +1,51 @@
+"""What every `papscan` command shares: one-sentence failures and the model repository."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from engines.errors import PapscanError
+
+
+def fails_in_one_sentence(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn papscan's errors into one line on stderr and exit code 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except PapscanError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted; a scan that did not finish was marked failed and left no rows")
+        except Exception as exc:  # a bug: still one line, the traceback goes to the log
+            logging.getLogger("papscan").debug("unexpected error", exc_info=True)
+            fail(
+                f"internal error ({type(exc).__name__}: {exc}); rerun with --verbose "
+                "for the traceback"
+            )
+
+    return wrapper
+
+
+def fail(sentence: str) -> None:
+    from worker.console import err
+
+    err.print(f"[bold red]papscan:[/] {sentence}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def repository(path: Path | None) -> Any:
+    """The model repository at `path`, else `PAPSCAN_MODELS`, else the bundled one."""
+    from engines.repository import ModelRepository, default_repository_path
+    from worker.settings import get_settings
+
+    return ModelRepository(path or get_settings().models_dir or default_repository_path())

@@ -1,10 +1,20 @@
 """ONNX Runtime backend: runs `model.onnx` with the CUDA provider where it exists, else CPU.
 
-The session is tuned for throughput of large batches rather than latency of one:
-every graph optimisation, one inter-op thread with sequential execution (the graphs are
-chains; parallel execution only adds scheduling), and `intra_op_num_threads` from the
-argument or `PAPSCAN_INTRA_OP_THREADS` (0 lets ONNX Runtime use one thread per core).
-The Azure provider that some wheels register is never used.
+The session is tuned for throughput of large batches rather than latency of one, from
+settings read once per load:
+
+- `PAPSCAN_INTRA_OP_THREADS` (or the `intra_op_num_threads` argument): threads inside
+  one operator; 0 lets ONNX Runtime use one per core.
+- `PAPSCAN_INTER_OP_THREADS`: default 1, sequential execution (the graphs are chains, so
+  running independent nodes in parallel only adds scheduling); above 1, parallel
+  execution with that many threads.
+- `PAPSCAN_ORT_GRAPH_OPTIMIZATION`: ``all`` (default), ``extended``, ``basic`` or
+  ``disable``.
+
+On the CUDA provider, inference goes through I/O binding: inputs already on the GPU
+(`engines.tensors`, e.g. a DALI batch) are bound where they lie, host inputs are copied
+once, and outputs come back to the host. On the CPU a plain `run` is as fast. The Azure
+provider that some wheels register is never used.
 """
 
 from __future__ import annotations
@@ -18,7 +28,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from engines.backends.base import Device, first_line, run_warmup
-from engines.errors import BackendUnavailableError, ModelLoadError
+from engines.errors import BackendUnavailableError, ModelInputError, ModelLoadError
+from engines.tensors import cuda_view, is_device_array
 
 if TYPE_CHECKING:
     from engines.config import ModelConfig, TensorSpec
@@ -26,6 +37,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 THREADS_ENV = "PAPSCAN_INTRA_OP_THREADS"
+INTER_OP_ENV = "PAPSCAN_INTER_OP_THREADS"
+GRAPH_OPTIMIZATION_ENV = "PAPSCAN_ORT_GRAPH_OPTIMIZATION"
+_GRAPH_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 
@@ -77,6 +96,10 @@ class OnnxRuntimeBackend:
         self._artifact: Path | None = None
         self._output_names = [spec.name for spec in config.outputs]
         self._threads_used: int | None = None
+        self._inter_op_used: int | None = None
+        self._graph_level: str | None = None
+        self._device_id = 0
+        self._bind_io = False
 
     @classmethod
     def unavailable_reason(cls, device: Device) -> str | None:
@@ -114,6 +137,8 @@ class OnnxRuntimeBackend:
         self._check_graph(session, artifact)
         self._session = session
         self._artifact = artifact
+        self._device_id = device.index
+        self._bind_io = CUDA_PROVIDER in used
 
     @classmethod
     def find_artifact(cls, version_dir: Path) -> Path | None:
@@ -123,11 +148,45 @@ class OnnxRuntimeBackend:
     def warmup(self) -> None:
         run_warmup(self, self._artifact)
 
-    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if self._session is None:
             raise ModelLoadError(f"{self.config.name}: the onnxruntime backend is not loaded")
+        on_device = [n for n, a in inputs.items() if is_device_array(a) and not _is_host(a)]
+        if self._bind_io:
+            return self._run_bound(inputs, "cuda")
+        if on_device:
+            raise ModelInputError(
+                f"{self.config.name}: input(s) {on_device} are in GPU memory but this "
+                "ONNX Runtime session runs on the CPU; pass host arrays"
+            )
         outputs = self._session.run(self._output_names, dict(inputs))
         return dict(zip(self._output_names, outputs, strict=True))
+
+    def _run_bound(self, inputs: Mapping[str, Any], device_type: str) -> dict[str, np.ndarray]:
+        """One run through I/O binding: device arrays bound in place, outputs to the host.
+
+        Args:
+            inputs: Host arrays, or arrays exposing `__cuda_array_interface__` whose memory
+                is on `device_type` (the CUDA provider's GPU).
+            device_type: ONNX Runtime's name of the device the arrays' pointers are on.
+        """
+        binding = self._session.io_binding()
+        for name, array in inputs.items():
+            if is_device_array(array) and not _is_host(array):
+                view = cuda_view(array)
+                if not view.contiguous:
+                    raise ModelInputError(
+                        f"{self.config.name}: GPU input '{name}' must be C-contiguous"
+                    )
+                binding.bind_input(
+                    name, device_type, self._device_id, view.dtype, list(view.shape), view.pointer
+                )
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in self._output_names:
+            binding.bind_output(name, "cpu")
+        self._session.run_with_iobinding(binding)
+        return dict(zip(self._output_names, binding.copy_outputs_to_cpu(), strict=True))
 
     def close(self) -> None:
         self._session = None
@@ -139,33 +198,35 @@ class OnnxRuntimeBackend:
             "runtime_version": ort.__version__,
             "providers": list(self._session.get_providers()) if self._session else [],
             "intra_op_num_threads": self._threads_used,
+            "inter_op_num_threads": self._inter_op_used,
+            "graph_optimization": self._graph_level,
+            "io_binding": self._bind_io,
             "artifact": str(self._artifact) if self._artifact else None,
         }
 
     def _threads(self) -> int:
         if self._intra_op_num_threads is not None:
-            threads: Any = self._intra_op_num_threads
-            source = "intra_op_num_threads"
-        else:
-            threads = os.environ.get(THREADS_ENV, "0")
-            source = THREADS_ENV
-        try:
-            value = int(threads)
-        except (TypeError, ValueError):
-            value = -1
-        if value < 0 or isinstance(threads, bool):
-            raise BackendUnavailableError(
-                f"{source} must be a non-negative integer (0 = one per core), got {threads!r}"
-            )
-        return value
+            return _count_setting(self._intra_op_num_threads, "intra_op_num_threads", 0)
+        return _count_setting(os.environ.get(THREADS_ENV, "0"), THREADS_ENV, 0)
 
     def _session_options(self, ort: Any) -> Any:
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        level = os.environ.get(GRAPH_OPTIMIZATION_ENV, "all").strip().lower()
+        if level not in _GRAPH_LEVELS:
+            raise BackendUnavailableError(
+                f"{GRAPH_OPTIMIZATION_ENV} must be one of {', '.join(_GRAPH_LEVELS)}, got {level!r}"
+            )
+        self._graph_level = level
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_LEVELS[level])
         self._threads_used = self._threads()
         options.intra_op_num_threads = self._threads_used
-        options.inter_op_num_threads = 1
+        self._inter_op_used = _count_setting(os.environ.get(INTER_OP_ENV, "1"), INTER_OP_ENV, 1)
+        options.inter_op_num_threads = self._inter_op_used
+        options.execution_mode = (
+            ort.ExecutionMode.ORT_PARALLEL
+            if self._inter_op_used > 1
+            else ort.ExecutionMode.ORT_SEQUENTIAL
+        )
         options.log_severity_level = 3  # errors only: its warnings go to stderr, not logging
         return options
 
@@ -229,3 +290,21 @@ class OnnxRuntimeBackend:
                     f"{artifact}: {kind} '{spec.name}' has shape {graph_shape} in the ONNX model, "
                     f"which disagrees with the config's {list(config_shape)}"
                 )
+
+
+def _count_setting(value: Any, source: str, minimum: int) -> int:
+    """A thread count from a setting, or BackendUnavailableError naming the setting."""
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = -1
+    if count < minimum or isinstance(value, bool):
+        meaning = "0 = one per core" if minimum == 0 else "1 = sequential"
+        raise BackendUnavailableError(
+            f"{source} must be an integer >= {minimum} ({meaning}), got {value!r}"
+        )
+    return count
+
+
+def _is_host(array: Any) -> bool:
+    return isinstance(array, np.ndarray)

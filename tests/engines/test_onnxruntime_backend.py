@@ -13,7 +13,7 @@ import yaml
 from engines.backends import OnnxRuntimeBackend
 from engines.backends.base import Device, zeros_like_spec
 from engines.config import load_config
-from engines.errors import BackendUnavailableError, ModelLoadError
+from engines.errors import BackendUnavailableError, ModelInputError, ModelLoadError
 from engines.repository import ModelRepository
 
 
@@ -148,7 +148,7 @@ def test_bad_thread_setting(make_repo: Any, monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(BackendUnavailableError) as info:
         ModelRepository(repo).load("tiny_classifier")
     assert str(info.value) == (
-        "PAPSCAN_INTRA_OP_THREADS must be a non-negative integer (0 = one per core), got 'many'"
+        "PAPSCAN_INTRA_OP_THREADS must be an integer >= 0 (0 = one per core), got 'many'"
     )
 
 
@@ -255,3 +255,67 @@ def test_warmup_inference_failure_is_a_load_error(make_repo: Any) -> None:
         ModelRepository(repo).load("tiny_classifier")
     assert str(info.value).startswith(f"{artifact}: the warm-up inference at batch 8 failed (")
     assert "\n" not in str(info.value)
+
+
+def test_inter_op_threads_and_graph_level_settings(
+    make_repo: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxruntime as ort
+
+    repo = make_repo()
+    monkeypatch.setenv("PAPSCAN_INTER_OP_THREADS", "2")
+    monkeypatch.setenv("PAPSCAN_ORT_GRAPH_OPTIMIZATION", "basic")
+    options = _backend(repo)._session_options(ort)
+    assert options.inter_op_num_threads == 2
+    assert options.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    with ModelRepository(repo).load("tiny_classifier") as model:
+        described = model.describe()
+    assert (described["inter_op_num_threads"], described["graph_optimization"]) == (2, "basic")
+    monkeypatch.setenv("PAPSCAN_ORT_GRAPH_OPTIMIZATION", "max")
+    with pytest.raises(BackendUnavailableError) as info:
+        ModelRepository(repo).load("tiny_classifier")
+    assert str(info.value) == (
+        "PAPSCAN_ORT_GRAPH_OPTIMIZATION must be one of disable, basic, extended, all, got 'max'"
+    )
+    monkeypatch.setenv("PAPSCAN_ORT_GRAPH_OPTIMIZATION", "all")
+    monkeypatch.setenv("PAPSCAN_INTER_OP_THREADS", "0")
+    with pytest.raises(BackendUnavailableError, match=r"INTER_OP_THREADS must be an integer >= 1"):
+        ModelRepository(repo).load("tiny_classifier")
+
+
+class HostMemoryExposedAsDevice:
+    """Host memory behind `__cuda_array_interface__`: drives the I/O-binding path on a CPU."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self.__cuda_array_interface__ = {
+            "shape": array.shape,
+            "typestr": array.dtype.str,
+            "data": (array.ctypes.data, False),
+            "strides": None,
+            "version": 3,
+        }
+
+
+def test_io_binding_binds_pointer_inputs_in_place(make_repo: Any) -> None:
+    with ModelRepository(make_repo()).load("tiny_classifier", device="cpu") as model:
+        crops = np.random.default_rng(0).normal(size=(5, 3, 4, 4)).astype(np.float32)
+        want = model.infer({"crops": crops})
+        # The CUDA path with device_type "cpu": same binding code, pointers into host memory.
+        got = model.backend._run_bound({"crops": HostMemoryExposedAsDevice(crops)}, "cpu")
+        mixed = model.backend._run_bound({"crops": crops}, "cpu")
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+        np.testing.assert_array_equal(mixed[name], want[name])
+
+
+def test_gpu_arrays_on_a_cpu_session_are_refused_in_one_sentence(make_repo: Any) -> None:
+    with ModelRepository(make_repo()).load("tiny_classifier", device="cpu") as model:
+        crops = np.zeros((2, 3, 4, 4), np.float32)
+        with pytest.raises(ModelInputError) as info:
+            model.infer({"crops": HostMemoryExposedAsDevice(crops)})
+    assert str(info.value) == (
+        "tiny_classifier: input(s) ['crops'] are in GPU memory but this ONNX Runtime "
+        "session runs on the CPU; pass host arrays"
+    )

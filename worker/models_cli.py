@@ -241,7 +241,11 @@ def bench(
     seconds: Annotated[float, typer.Option(help="Seconds per batch size.")] = 2.0,
     device: DeviceOption = "auto",
 ) -> None:
-    """Time each model at a few batch sizes: latency (mean, p50, p95) and items/s."""
+    """Time each model at a few batch sizes: latency (mean, p50, p95) and items/s.
+
+    Each size runs for about --seconds after one untimed run, one caller at a time;
+    `bench/batcher_perf.py` measures many concurrent callers with the batcher.
+    """
     from rich.table import Table
 
     from engines.diagnostics import time_model
@@ -259,8 +263,8 @@ def bench(
     names = [f"{name}@{repo_.versions(name)[-1]}" for name in model or repo_.model_names()]
     _name_column(table, "model", names)
     _name_column(table, "backend", ["onnxruntime"])
-    for column in ("batch", "runs", "mean ms", "p50 ms", "p95 ms", "items/s"):
-        table.add_column(column, justify="right")
+    for column in ("batch", "mean ms", "p50 ms", "p95 ms", "items/s"):
+        table.add_column(column, justify="right", no_wrap=True)
     for name in model or repo_.model_names():
         with repo_.load(name, device=device) as loaded:
             usable = [b for b in sizes if b <= max(loaded.config.max_batch_size, 1)]
@@ -269,7 +273,6 @@ def bench(
                     f"{name}@{loaded.version}",
                     loaded.backend_name,
                     str(t.batch_size),
-                    str(t.runs),
                     f"{t.mean_ms:.2f}",
                     f"{t.p50_ms:.2f}",
                     f"{t.p95_ms:.2f}",

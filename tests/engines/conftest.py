@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,10 @@ import onnx
 import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
+
+from engines.metrics import InferenceMetrics
+from engines.model import Model
+from engines.repository import ModelRepository
 
 # Opset and IR version every ONNX Runtime since 1.16 reads.
 _OPSET = 17
@@ -193,3 +197,27 @@ def build_classifier() -> Callable[..., Path]:
 def config_writer() -> Callable[[Path, dict[str, Any]], Path]:
     """`write_config(model_dir, config)` -> the config.yaml path."""
     return write_config
+
+
+@pytest.fixture
+def metrics() -> InferenceMetrics:
+    """Counters of this test alone (not the process-wide ones)."""
+    return InferenceMetrics()
+
+
+@pytest.fixture
+def repo(make_repo: Callable[..., Path], metrics: InferenceMetrics) -> ModelRepository:
+    """The tiny classifier and ROI models, counting into `metrics`."""
+    return ModelRepository(make_repo(), metrics=metrics)
+
+
+@pytest.fixture
+def classifier(repo: ModelRepository) -> Iterator[Model]:
+    with repo.load("tiny_classifier", device="cpu") as model:
+        yield model
+
+
+@pytest.fixture
+def roi(repo: ModelRepository) -> Iterator[Model]:
+    with repo.load("tiny_roi", device="cpu") as model:
+        yield model

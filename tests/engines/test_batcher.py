@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any
 
@@ -13,31 +12,7 @@ import pytest
 
 from engines.batcher import DynamicBatcher
 from engines.errors import BatcherClosedError, ModelInputError
-from engines.metrics import InferenceMetrics
 from engines.model import Model
-from engines.repository import ModelRepository
-
-
-@pytest.fixture
-def metrics() -> InferenceMetrics:
-    return InferenceMetrics()
-
-
-@pytest.fixture
-def repo(make_repo: Any, metrics: InferenceMetrics) -> ModelRepository:
-    return ModelRepository(make_repo(), metrics=metrics)
-
-
-@pytest.fixture
-def classifier(repo: ModelRepository) -> Iterator[Model]:
-    with repo.load("tiny_classifier", device="cpu") as model:
-        yield model
-
-
-@pytest.fixture
-def roi(repo: ModelRepository) -> Iterator[Model]:
-    with repo.load("tiny_roi", device="cpu") as model:
-        yield model
 
 
 class ExecutionLog:

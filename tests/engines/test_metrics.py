@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -13,7 +12,6 @@ from engines.batcher import DynamicBatcher
 from engines.errors import ModelInputError
 from engines.metrics import COUNTERS, PENDING_GAUGE, InferenceMetrics
 from engines.model import Model
-from engines.repository import ModelRepository
 
 
 @pytest.fixture
@@ -23,13 +21,8 @@ def registry() -> CollectorRegistry:
 
 @pytest.fixture
 def metrics(registry: CollectorRegistry) -> InferenceMetrics:
+    """Overrides the conftest's: these counters are also registered for scraping."""
     return InferenceMetrics(registry)
-
-
-@pytest.fixture
-def classifier(make_repo: Any, metrics: InferenceMetrics) -> Iterator[Model]:
-    with ModelRepository(make_repo(), metrics=metrics).load("tiny_classifier") as model:
-        yield model
 
 
 def _crops(n: int) -> dict[str, np.ndarray]:

@@ -135,9 +135,7 @@ def test_version_policies(
     assert config.version_policy.select([7, 1, 3]) == served
 
 
-@pytest.mark.parametrize(
-    "delay", ["max_queue_delay_ms: 2", "max_queue_delay_microseconds: 2000"]
-)
+@pytest.mark.parametrize("delay", ["max_queue_delay_ms: 2", "max_queue_delay_microseconds: 2000"])
 def test_dynamic_batching_is_parsed(tmp_path: Path, delay: str) -> None:
     text = CONTRACT_CONFIGS["cell_classifier"] + (
         f"dynamic_batching: {{preferred_batch_size: [256, 64], {delay}}}\n"
@@ -238,7 +236,8 @@ CONFIG_ERRORS = [
     (
         "backend not a list",
         _set("backend", "onnxruntime"),
-        "backend must be a non-empty list of backend names from onnxruntime, got 'onnxruntime'",
+        f"backend must be a non-empty list of backend names from {', '.join(BACKENDS)}, "
+        "got 'onnxruntime'",
     ),
     (
         "bad data_type",

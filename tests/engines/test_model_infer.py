@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -10,24 +9,6 @@ import pytest
 
 from engines.errors import ModelInputError
 from engines.model import Model
-from engines.repository import ModelRepository
-
-
-@pytest.fixture
-def repo(make_repo: Any) -> ModelRepository:
-    return ModelRepository(make_repo())
-
-
-@pytest.fixture
-def classifier(repo: ModelRepository) -> Iterator[Model]:
-    with repo.load("tiny_classifier", device="cpu") as model:
-        yield model
-
-
-@pytest.fixture
-def roi(repo: ModelRepository) -> Iterator[Model]:
-    with repo.load("tiny_roi", device="cpu") as model:
-        yield model
 
 
 def test_batch_37_with_max_8_matches_one_by_one(

@@ -22,6 +22,7 @@ from train.export.onnx_export import (
     max_abs_diff_vs_torch,
     onnx_io_names,
 )
+from train.export.pt2_export import export_pt2, max_abs_diff_onnx_vs_pt2
 from train.export.repository import sha256_of, write_model_version
 from train.models import create_model
 from train.models.cell_cnn import CellClassifierExport
@@ -124,17 +125,109 @@ def test_repository_layout_config_and_card(tmp_path: Path) -> None:
         "channel_order": "RGB",
         "layout": "NCHW",
     }
-    assert raw["max_batch_size"] == 256 and raw["backend"] == ["onnxruntime"]
+    assert raw["max_batch_size"] == 256
+    assert raw["backend"] == ["tensorrt", "onnxruntime", "pytorch"]
+    assert raw["dynamic_batching"] == {
+        "preferred_batch_size": [32, 64, 128],
+        "max_queue_delay_ms": 2,
+    }
+    assert raw["instance_count"] == 1 and raw["precision"] == "FP16"
+    assert raw["warmup"] == {"batch_sizes": [1, 256], "data": "zero"}
     assert raw["output"] == [
         {"name": "probs", "data_type": "TYPE_FP32", "dims": [3]},
         {"name": "features", "data_type": "TYPE_FP32", "dims": [64]},
     ]
     raw = yaml.safe_load((repo / "roi_classifier" / "config.yaml").read_text())
     assert "preprocessing" not in raw and raw["max_batch_size"] == 16
+    assert "dynamic_batching" not in raw
+    assert raw["warmup"] == {"batch_sizes": [1, 16], "data": "zero"}
     assert raw["input"] == [
         {"name": "cell_features", "data_type": "TYPE_FP32", "dims": [-1, 64]},
         {"name": "cell_mask", "data_type": "TYPE_FP32", "dims": [-1]},
     ]
+
+
+def test_classifier_pt2_matches_torch_and_onnx(tmp_path: Path) -> None:
+    wrapper, onnx_path = _export_classifier(tmp_path)
+    x = np.random.default_rng(0).normal(size=(7, 3, 96, 96)).astype(np.float32)
+    pt2 = export_pt2(
+        wrapper,
+        {"crops": torch.from_numpy(x)},
+        tmp_path / "cls.pt2",
+        ["probs", "features"],
+        max_batch_size=256,
+    )
+    assert pt2.max_abs_diff_vs_eager <= 1e-4 and pt2.check_batch_sizes == (1, 7)
+    program = torch.export.load(pt2.path)
+    assert program.graph_signature.user_inputs == ("crops",)
+    assert (
+        max_abs_diff_onnx_vs_pt2(onnx_path, pt2.path, {"crops": x}, ["probs", "features"]) <= 1e-4
+    )
+
+
+@pytest.mark.parametrize("cells", [0, 1, 9])
+def test_mil_pt2_takes_any_bag_size(tmp_path: Path, cells: int) -> None:
+    wrapper, onnx_path = _export_mil(tmp_path)
+    rng = np.random.default_rng(cells)
+    pt2 = export_pt2(
+        wrapper,
+        {"cell_features": torch.randn(4, 6, 64), "cell_mask": torch.ones(4, 6)},
+        tmp_path / "mil.pt2",
+        ["roi_probs", "attention"],
+        max_batch_size=16,
+        dynamic_axes={"cell_features": {1: "cells"}, "cell_mask": {1: "cells"}},
+    )
+    x = rng.normal(size=(3, cells, 64)).astype(np.float32)
+    mask = np.ones((3, cells), np.float32)
+    mask[2] = 0
+    inputs = {"cell_features": x, "cell_mask": mask}
+    diff = max_abs_diff_onnx_vs_pt2(onnx_path, pt2.path, inputs, ["roi_probs", "attention"])
+    assert diff <= 1e-4
+
+
+def test_pt2_export_refuses_examples_it_would_specialise(tmp_path: Path) -> None:
+    wrapper, _ = _export_classifier(tmp_path)
+    with pytest.raises(ValueError, match="a batch of at least 2"):
+        export_pt2(
+            wrapper,
+            {"crops": torch.zeros(1, 3, 96, 96)},
+            tmp_path / "c.pt2",
+            ["probs", "features"],
+            max_batch_size=8,
+        )
+    with pytest.raises(ValueError, match=r"returns 2 output\(s\) but the config lists 1"):
+        export_pt2(
+            wrapper,
+            {"crops": torch.zeros(2, 3, 96, 96)},
+            tmp_path / "c.pt2",
+            ["probs"],
+            max_batch_size=8,
+        )
+
+
+def test_card_records_the_pt2(tmp_path: Path) -> None:
+    wrapper, onnx_path = _export_classifier(tmp_path)
+    pt2 = export_pt2(
+        wrapper,
+        {"crops": torch.zeros(2, 3, 96, 96)},
+        tmp_path / "cls.pt2",
+        ["probs", "features"],
+        max_batch_size=256,
+    )
+    repo = tmp_path / "repo"
+    version_dir = write_model_version(
+        repo,
+        classifier_config(96, 0.5, LABELS, 64),
+        onnx_path,
+        {"seed": 0},
+        pt2_path=pt2.path,
+        pt2_checks={"onnx_vs_pytorch_max_abs_diff": 1e-6},
+    )
+    record = json.loads((version_dir / "card.json").read_text())["pytorch_artifact"]
+    assert record["file"] == "model.pt2"
+    assert record["sha256"] == sha256_of(version_dir / "model.pt2")
+    assert record["bytes"] == (version_dir / "model.pt2").stat().st_size
+    assert record["onnx_vs_pytorch_max_abs_diff"] == 1e-6
 
 
 def test_engines_load_and_batch_the_export(tmp_path: Path) -> None:
@@ -186,4 +279,6 @@ def test_quick_defaults_end_to_end(tmp_path: Path) -> None:
     for name in ("cell_detector", "cell_classifier", "roi_classifier"):
         card = json.loads((out / name / "1" / "card.json").read_text())
         assert card["artifact"]["sha256"] == sha256_of(out / name / "1" / "model.onnx")
+        assert card["pytorch_artifact"]["sha256"] == sha256_of(out / name / "1" / "model.pt2")
+        assert card["pytorch_artifact"]["onnx_vs_pytorch_max_abs_diff"] <= 1e-3
         assert card["quick"] is True and "metrics" in card

@@ -10,6 +10,21 @@ from typing import Any
 
 CLASSIFIER_MEAN = (123.7, 116.3, 103.5)
 CLASSIFIER_STD = (58.4, 57.1, 57.4)
+#: Backends by preference: a TensorRT engine where a GPU and TensorRT are there, else ONNX
+#: Runtime, else the exported PyTorch program.
+BACKEND_PREFERENCE = ("tensorrt", "onnxruntime", "pytorch")
+#: The cell classifier gets crops from many ROIs at once: the batcher runs them in these.
+CLASSIFIER_PREFERRED_BATCH_SIZES = (32, 64, 128)
+CLASSIFIER_MAX_QUEUE_DELAY_MS = 2
+
+
+def _execution(max_batch_size: int) -> dict[str, Any]:
+    """One instance, FP16 engines, warm-up on zeros at batch 1 and `max_batch_size`."""
+    return {
+        "instance_count": 1,
+        "precision": "FP16",
+        "warmup": {"batch_sizes": [1, max_batch_size], "data": "zero"},
+    }
 
 
 def detector_config(
@@ -23,9 +38,10 @@ def detector_config(
     """`cell_detector`: ultralytics YOLO raw head `output0` [B, 4 + nc, N]."""
     return {
         "name": "cell_detector",
-        "backend": ["onnxruntime"],
+        "backend": list(BACKEND_PREFERENCE),
         "max_batch_size": max_batch_size,
         "version_policy": {"latest": 1},
+        **_execution(max_batch_size),
         "input": [{"name": "images", "data_type": "TYPE_FP32", "dims": [3, input_px, input_px]}],
         "output": [{"name": "output0", "data_type": "TYPE_FP32", "dims": [4 + len(labels), -1]}],
         "preprocessing": {
@@ -57,9 +73,14 @@ def classifier_config(
     """`cell_classifier`: `crops` -> `probs` (softmax) and `features`."""
     return {
         "name": "cell_classifier",
-        "backend": ["onnxruntime"],
+        "backend": list(BACKEND_PREFERENCE),
         "max_batch_size": max_batch_size,
         "version_policy": {"latest": 1},
+        "dynamic_batching": {
+            "preferred_batch_size": list(CLASSIFIER_PREFERRED_BATCH_SIZES),
+            "max_queue_delay_ms": CLASSIFIER_MAX_QUEUE_DELAY_MS,
+        },
+        **_execution(max_batch_size),
         "input": [{"name": "crops", "data_type": "TYPE_FP32", "dims": [3, input_px, input_px]}],
         "output": [
             {"name": "probs", "data_type": "TYPE_FP32", "dims": [len(labels)]},
@@ -81,9 +102,10 @@ def roi_config(labels: list[str], feature_dim: int, max_batch_size: int = 16) ->
     """`roi_classifier`: (`cell_features`, `cell_mask`) -> `roi_probs`, `attention`."""
     return {
         "name": "roi_classifier",
-        "backend": ["onnxruntime"],
+        "backend": list(BACKEND_PREFERENCE),
         "max_batch_size": max_batch_size,
         "version_policy": {"latest": 1},
+        **_execution(max_batch_size),
         "input": [
             {"name": "cell_features", "data_type": "TYPE_FP32", "dims": [-1, feature_dim]},
             {"name": "cell_mask", "data_type": "TYPE_FP32", "dims": [-1]},

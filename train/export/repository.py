@@ -1,7 +1,8 @@
 """Write one model version into a model repository: config.yaml, model.onnx, card.json.
 
 Layout (the contract's, Triton-style):
-`<repo>/<name>/config.yaml`, `<repo>/<name>/<version>/model.onnx`, `.../card.json`.
+`<repo>/<name>/config.yaml`, `<repo>/<name>/<version>/model.onnx`, `.../card.json`, and
+optionally `.../model.pt2` (the exported PyTorch program).
 """
 
 from __future__ import annotations
@@ -102,13 +103,20 @@ def _flow(value: Any) -> str:
 
 
 def write_model_version(
-    repo: Path, config: dict[str, Any], onnx_path: Path, card: dict[str, Any], version: int = 1
+    repo: Path,
+    config: dict[str, Any],
+    onnx_path: Path,
+    card: dict[str, Any],
+    version: int = 1,
+    pt2_path: Path | None = None,
+    pt2_checks: dict[str, Any] | None = None,
 ) -> Path:
     """Write `config.yaml`, copy the ONNX file to `<version>/model.onnx`, write `card.json`.
 
     The card is completed with the model name and version, sha256 and size of `model.onnx`,
-    its opset, software versions, date (UTC) and git commit. An existing version folder is
-    replaced.
+    its opset, software versions, date (UTC) and git commit; with `pt2_path`, the exported
+    PyTorch program is copied to `<version>/model.pt2` and the card's `pytorch_artifact`
+    gives its sha256, size and `pt2_checks`. An existing version folder is replaced.
 
     Args:
         repo: The model repository folder.
@@ -116,6 +124,9 @@ def write_model_version(
         onnx_path: The exported ONNX file.
         card: Training data, metrics, seed, command, checks.
         version: The version number (folder name).
+        pt2_path: The exported PyTorch program (`torch.export.save`), or None.
+        pt2_checks: What the program was checked against (e.g. its max abs difference
+            from ONNX Runtime), recorded beside its hash.
 
     Returns:
         The version folder.
@@ -141,6 +152,7 @@ def write_model_version(
             "bytes": target.stat().st_size,
             "onnx_opset": onnx_opset(target),
         },
+        **_pytorch_artifact(version_dir, pt2_path, pt2_checks),
         "software": software_versions(),
         "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "git_commit": git_commit(),
@@ -152,6 +164,25 @@ def write_model_version(
         "wrote %s@%d to %s (%.1f kB)", name, version, version_dir, target.stat().st_size / 1024
     )
     return version_dir
+
+
+def _pytorch_artifact(
+    version_dir: Path, pt2_path: Path | None, checks: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Copy the program to `model.pt2`; {"pytorch_artifact": {...}} for the card, or {}."""
+    if pt2_path is None:
+        return {}
+    target = version_dir / "model.pt2"
+    shutil.copyfile(pt2_path, target)
+    return {
+        "pytorch_artifact": {
+            "file": target.name,
+            "sha256": sha256_of(target),
+            "bytes": target.stat().st_size,
+            "format": "torch.export (torch.export.save)",
+            **(checks or {}),
+        }
+    }
 
 
 def _json_default(value: Any) -> Any:

@@ -1,7 +1,9 @@
 """`papscan train defaults`: train, evaluate and export the three default models.
 
 One reproducible CPU run (seeded; torch on 2 threads) that writes a Triton-style model
-repository (`<out>/<model>/config.yaml`, `<out>/<model>/1/{model.onnx,card.json}`):
+repository (`<out>/<model>/config.yaml`, `<out>/<model>/1/{model.onnx,model.pt2,card.json}`;
+`model.pt2` is the same network as a `torch.export` program, checked against eager
+PyTorch and against ONNX Runtime):
 
 1. `cell_detector`: YOLO11 at a pico scale, from YAML, on synthetic 512 px ROIs at
    0.5 mpp (with debris and empty glass) plus ISBI 2014 real nuclei; nucleus boxes.
@@ -46,6 +48,7 @@ from train.data.synth_fields import (
 from train.data.yolo_dataset import write_dataset_yaml, write_yolo_split
 from train.export.configs import classifier_config, detector_config, roi_config
 from train.export.onnx_export import check_dynamic_batch, export_onnx, max_abs_diff_vs_torch
+from train.export.pt2_export import Pt2Export, export_pt2, max_abs_diff_onnx_vs_pt2
 from train.export.repository import write_model_version
 from train.loops import classifier as cls_loop
 from train.loops import detector as det_loop
@@ -66,6 +69,9 @@ NMS_IOU_THRESHOLD = 0.5
 ISBI_TEST_STEMS = ("EDF010", "EDF011")
 HERLEV_TEST_FRACTION = 0.2
 ONNX_TOLERANCE = 1e-4
+#: Largest max |ONNX Runtime - exported PyTorch program| shipped (the detector's raw head
+#: holds box coordinates in pixels, up to 512, hence looser than ONNX_TOLERANCE).
+ONNX_VS_PT2_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -279,7 +285,44 @@ def _plan_card(plan: DefaultsPlan) -> dict[str, Any]:
     return d
 
 
+# --- exported PyTorch programs ----------------------------------------------------------
+
+
+def _pt2_checks(
+    name: str,
+    pt2: Pt2Export,
+    onnx_path: Path,
+    feeds: list[dict[str, np.ndarray]],
+    output_names: list[str],
+) -> dict[str, Any]:
+    """The card's record of `model.pt2`: its differences from eager PyTorch and ONNX Runtime.
+
+    Raises:
+        ValueError: ONNX Runtime and the program differ by more than ONNX_VS_PT2_TOLERANCE.
+    """
+    diff = max(max_abs_diff_onnx_vs_pt2(onnx_path, pt2.path, feed, output_names) for feed in feeds)
+    if diff > ONNX_VS_PT2_TOLERANCE:
+        raise ValueError(
+            f"{name}: ONNX Runtime and the exported PyTorch program differ by {diff:.2e} "
+            f"> {ONNX_VS_PT2_TOLERANCE}"
+        )
+    logger.info("%s: max |ONNX Runtime - exported PyTorch program| %.1e", name, diff)
+    return {
+        "onnx_vs_pytorch_max_abs_diff": diff,
+        "onnx_vs_pytorch_inputs": [{k: list(v.shape) for k, v in feed.items()} for feed in feeds],
+        "pytorch_vs_eager_max_abs_diff": pt2.max_abs_diff_vs_eager,
+        "pytorch_vs_eager_batch_sizes": list(pt2.check_batch_sizes),
+        "torch": torch.__version__,
+    }
+
+
 # --- cell detector -----------------------------------------------------------------------
+
+
+def _detector_images(items: list) -> np.ndarray:
+    """HxWx3 uint8 RGB ROIs -> [B, 3, H, W] float32 in [0, 1], as the detector takes them."""
+    x = np.stack([it.image for it in items]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    return np.ascontiguousarray(x)
 
 
 def _detector(
@@ -327,7 +370,7 @@ def _detector(
         ds, ["nucleus"], {"train": "images/train", "val": "images/val", "test": "images/test"}
     )
     weights = det_loop.train_detector(work_dir, data_yaml, plan.detector, seed)
-    onnx_path = det_loop.export_detector(weights, plan.detector)
+    onnx_path, export_module = det_loop.export_detector(weights, plan.detector)
 
     # Lone nuclei of binucleate koilocytes (whose truth is one box over both) score
     # 0.3-0.6, so the shipped threshold is calibrated on separate held-out ROIs.
@@ -411,7 +454,14 @@ def _detector(
         "checks": checks,
     }
     config = detector_config(DETECTOR_PX, MPP, ["nucleus"], conf, NMS_IOU_THRESHOLD)
-    version_dir = write_model_version(out, config, onnx_path, card)
+    images = _detector_images(test_rois[:4])
+    pt2 = det_loop.export_detector_pt2(
+        export_module, images, work_dir / "cell_detector.pt2", config["max_batch_size"]
+    )
+    pt2_checks = _pt2_checks("cell_detector", pt2, onnx_path, [{"images": images}], ["output0"])
+    version_dir = write_model_version(
+        out, config, onnx_path, card, pt2_path=pt2.path, pt2_checks=pt2_checks
+    )
     return {"metrics": metrics, "checks": checks, "version_dir": str(version_dir)}
 
 
@@ -555,7 +605,19 @@ def _classifier(
         "checks": checks,
     }
     config = classifier_config(CROP_PX, MPP, list(labels), model.embed_dim)
-    version_dir = write_model_version(out, config, onnx_path, card)
+    pt2 = export_pt2(
+        wrapper,
+        {"crops": torch.from_numpy(sample[:8])},
+        work_dir / "cell_classifier.pt2",
+        ["probs", "features"],
+        max_batch_size=config["max_batch_size"],
+    )
+    pt2_checks = _pt2_checks(
+        "cell_classifier", pt2, onnx_path, [{"crops": sample}], ["probs", "features"]
+    )
+    version_dir = write_model_version(
+        out, config, onnx_path, card, pt2_path=pt2.path, pt2_checks=pt2_checks
+    )
     return {"metrics": metrics, "checks": checks, "version_dir": str(version_dir)}, model
 
 
@@ -687,5 +749,28 @@ def _roi(
         "checks": checks,
     }
     config = roi_config(list(labels), feature_dim)
-    version_dir = write_model_version(out, config, onnx_path, card)
+    pt2 = export_pt2(
+        wrapper,
+        {"cell_features": x, "cell_mask": m},
+        work_dir / "roi_classifier.pt2",
+        ["roi_probs", "attention"],
+        max_batch_size=config["max_batch_size"],
+        dynamic_axes={"cell_features": {1: "cells"}, "cell_mask": {1: "cells"}},
+    )
+    pt2_checks = _pt2_checks(
+        "roi_classifier",
+        pt2,
+        onnx_path,
+        [
+            {"cell_features": x.numpy(), "cell_mask": m.numpy()},
+            {
+                "cell_features": np.zeros((3, 0, feature_dim), np.float32),
+                "cell_mask": np.zeros((3, 0), np.float32),
+            },
+        ],
+        ["roi_probs", "attention"],
+    )
+    version_dir = write_model_version(
+        out, config, onnx_path, card, pt2_path=pt2.path, pt2_checks=pt2_checks
+    )
     return {"metrics": metrics, "checks": checks, "version_dir": str(version_dir)}

@@ -10,15 +10,19 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from engines.postprocess import decode_yolo
 from train.data.isbi import BoxedImage
 from train.export.onnx_export import onnx_session
+from train.export.pt2_export import Pt2Export, export_pt2
 from train.loops.detection import score_detections
 from train.loops.ultralytics_env import import_ultralytics
 
@@ -108,14 +112,38 @@ def train_detector(run_dir: Path, data_yaml: Path, settings: DetectorSettings, s
     return weights
 
 
-def export_detector(weights: Path, settings: DetectorSettings) -> Path:
+class DetectorExport(nn.Module):
+    """Export wrapper: `images` [B, 3, H, W] RGB in [0, 1] -> raw head `output0` [B, 4 + nc, N].
+
+    Args:
+        model: The ultralytics `DetectionModel` in its export-ready form (fused, eval,
+            Detect head in export mode), whose forward returns the raw head alone.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(images)
+        return out[0] if isinstance(out, list | tuple) else out
+
+
+def export_detector(weights: Path, settings: DetectorSettings) -> tuple[Path, DetectorExport]:
     """Export trained weights to ONNX (`images` -> raw head `output0` [B, 4 + nc, N]).
 
     Dynamic batch (and spatial) axes, no NMS in the graph, not simplified.
+
+    Returns:
+        The ONNX file, and the very module ultralytics traced for it (its export-ready
+        form, caught at the exporter's `on_export_end`), wrapped to take `images` by name,
+        so other formats export the same graph.
     """
     from ultralytics import YOLO
 
     model = YOLO(str(weights), task="detect")
+    traced: list[nn.Module] = []
+    model.add_callback("on_export_end", lambda exporter: traced.append(exporter.model))
     path = Path(
         model.export(
             format="onnx",
@@ -128,8 +156,35 @@ def export_detector(weights: Path, settings: DetectorSettings) -> Path:
             device="cpu",
         )
     )
+    if not traced:
+        raise RuntimeError("ultralytics' exporter did not report the model it exported")
     logger.info("detector exported to %s", path)
-    return path
+    return path, DetectorExport(traced[-1]).eval()
+
+
+def export_detector_pt2(
+    module: DetectorExport, images: np.ndarray, path: Path, max_batch_size: int
+) -> Pt2Export:
+    """Export the export-ready detector with `torch.export` (`images` -> `output0`).
+
+    Args:
+        module: From `export_detector`.
+        images: [B, 3, H, W] float32 in [0, 1], B >= 2: the examples, and the check's data.
+        path: Output `.pt2` file.
+        max_batch_size: The config's `max_batch_size`.
+    """
+    with warnings.catch_warnings():
+        # The Detect head, exported with dynamic=True as for ONNX, recomputes its anchors
+        # in every forward and stores them on itself; torch.export warns that the stored
+        # tensors are not buffers. The program computes them in its graph, so nothing is lost.
+        warnings.filterwarnings("ignore", message=r".*were assigned during export.*")
+        return export_pt2(
+            module,
+            {"images": torch.from_numpy(np.ascontiguousarray(images))},
+            path,
+            ["output0"],
+            max_batch_size=max_batch_size,
+        )
 
 
 def ultralytics_map50(weights: Path, data_yaml: Path, split: str, imgsz: int) -> dict[str, float]:
@@ -209,7 +264,6 @@ def settings_dict(settings: DetectorSettings) -> dict[str, Any]:
 
 def onnx_vs_torch_diff(weights: Path, onnx_path: Path, items: list[BoxedImage]) -> float:
     """max |ONNX - PyTorch| of the raw head on a few ROIs (the fused PyTorch model in eval mode)."""
-    import torch
     from ultralytics import YOLO
 
     model = YOLO(str(weights), task="detect").model.float().fuse().eval()

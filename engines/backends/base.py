@@ -201,3 +201,89 @@ def run_warmup(backend: Backend, artifact: Path | None) -> None:
                 f"{artifact}: the warm-up inference at batch {batch_size} failed "
                 f"({first_line(exc)})"
             ) from exc
+
+
+def check_names(
+    config: ModelConfig,
+    inputs: list[str],
+    outputs: list[str],
+    artifact: Path,
+    where: str,
+) -> None:
+    """Raises ModelLoadError unless an artifact has exactly the config's inputs and every
+    one of its outputs.
+
+    Args:
+        config: The model's config.
+        inputs: The artifact's input names.
+        outputs: The artifact's output names (it may have more than the config uses).
+        artifact: The file named in the error.
+        where: What holds the tensors, for the error (``the ONNX model``, …).
+    """
+    config_inputs = [spec.name for spec in config.inputs]
+    if sorted(inputs) != sorted(config_inputs):
+        raise ModelLoadError(
+            f"{artifact}: the inputs {sorted(inputs)} of {where} do not match "
+            f"the config's inputs {sorted(config_inputs)}"
+        )
+    missing = [spec.name for spec in config.outputs if spec.name not in outputs]
+    if missing:
+        raise ModelLoadError(
+            f"{artifact}: the outputs {sorted(outputs)} of {where} lack "
+            f"the config's output(s) {missing}"
+        )
+
+
+def check_tensor(
+    config: ModelConfig,
+    spec: TensorSpec,
+    *,
+    kind: str,
+    dtype: str,
+    expected_dtype: str,
+    shape: list[Any],
+    artifact: Path,
+    where: str,
+) -> None:
+    """Raises ModelLoadError where one tensor of an artifact disagrees with the config.
+
+    Checks the element type, the rank, that the batch dimension is dynamic wherever
+    `max_batch_size > 1`, and that every fixed dimension agrees. A dimension is fixed in
+    the artifact when it is a non-negative int; symbols, None and -1 are dynamic.
+
+    Args:
+        config: The model's config.
+        spec: The config's tensor.
+        kind: ``input`` or ``output``.
+        dtype: The artifact's element type, in the runtime's words.
+        expected_dtype: The runtime's words for `spec.data_type`.
+        shape: The artifact's shape.
+        artifact: The file named in the error.
+        where: What holds the tensor, for the error (``the ONNX model``, …).
+    """
+    who = f"{artifact}: {kind} '{spec.name}'"
+    if dtype != expected_dtype:
+        raise ModelLoadError(
+            f"{who} is {dtype} in {where} but {spec.data_type} ({expected_dtype}) in the config"
+        )
+    want = list(config.full_shape(spec))
+    text = "[" + ", ".join(str(d) for d in shape) + "]"
+    if len(shape) != len(want):
+        raise ModelLoadError(
+            f"{who} has shape {text} in {where}, not of rank {len(want)} as the config's {want}"
+        )
+    if config.is_batched and _fixed(shape[0]) and not (shape[0] == 1 == config.max_batch_size):
+        raise ModelLoadError(
+            f"{who} has a fixed batch dimension {shape[0]} but max_batch_size is "
+            f"{config.max_batch_size}; export it with a dynamic batch"
+        )
+    start = 1 if config.is_batched else 0
+    for axis in range(start, len(want)):
+        if want[axis] != -1 and _fixed(shape[axis]) and shape[axis] != want[axis]:
+            raise ModelLoadError(
+                f"{who} has shape {text} in {where}, which disagrees with the config's {want}"
+            )
+
+
+def _fixed(dim: Any) -> bool:
+    return isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from engines.backends.base import Device, first_line, run_warmup
+from engines.backends.base import Device, check_names, check_tensor, first_line, run_warmup
 from engines.errors import BackendUnavailableError, ModelInputError, ModelLoadError
 from engines.tensors import cuda_view, is_device_array
 
 if TYPE_CHECKING:
-    from engines.config import ModelConfig, TensorSpec
+    from engines.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ _GRAPH_LEVELS = {
     "extended": "ORT_ENABLE_EXTENDED",
     "all": "ORT_ENABLE_ALL",
 }
+_WHERE = "the ONNX model"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 
@@ -243,52 +244,22 @@ class OnnxRuntimeBackend:
         """Raises ModelLoadError where the ONNX graph disagrees with the config."""
         graph_inputs = {node.name: node for node in session.get_inputs()}
         graph_outputs = {node.name: node for node in session.get_outputs()}
-        config_inputs = [spec.name for spec in self.config.inputs]
-        if set(graph_inputs) != set(config_inputs):
-            raise ModelLoadError(
-                f"{artifact}: the ONNX inputs {sorted(graph_inputs)} do not match "
-                f"the config's inputs {sorted(config_inputs)}"
-            )
-        missing = [spec.name for spec in self.config.outputs if spec.name not in graph_outputs]
-        if missing:
-            raise ModelLoadError(
-                f"{artifact}: the ONNX outputs {sorted(graph_outputs)} lack "
-                f"the config's output(s) {missing}"
-            )
-        for spec in self.config.inputs:
-            self._check_tensor(spec, graph_inputs[spec.name], artifact, "input")
-        for spec in self.config.outputs:
-            self._check_tensor(spec, graph_outputs[spec.name], artifact, "output")
-
-    def _check_tensor(self, spec: TensorSpec, node: Any, artifact: Path, kind: str) -> None:
-        expected_type = _ORT_TYPES[spec.data_type]
-        if node.type != expected_type:
-            raise ModelLoadError(
-                f"{artifact}: {kind} '{spec.name}' is {node.type} in the ONNX model "
-                f"but {spec.data_type} ({expected_type}) in the config"
-            )
-        config_shape = self.config.full_shape(spec)
-        graph_shape = list(node.shape)
-        if len(graph_shape) != len(config_shape):
-            raise ModelLoadError(
-                f"{artifact}: {kind} '{spec.name}' has shape {graph_shape} in the ONNX model, "
-                f"not of rank {len(config_shape)} as the config's {list(config_shape)}"
-            )
-        if self.config.is_batched:
-            batch_dim = graph_shape[0]
-            if isinstance(batch_dim, int) and not (batch_dim == 1 == self.config.max_batch_size):
-                raise ModelLoadError(
-                    f"{artifact}: {kind} '{spec.name}' has a fixed batch dimension {batch_dim} "
-                    f"but max_batch_size is {self.config.max_batch_size}; export it with a "
-                    "dynamic batch"
-                )
-        start = 1 if self.config.is_batched else 0
-        for axis in range(start, len(config_shape)):
-            want, have = config_shape[axis], graph_shape[axis]
-            if want != -1 and isinstance(have, int) and have != want:
-                raise ModelLoadError(
-                    f"{artifact}: {kind} '{spec.name}' has shape {graph_shape} in the ONNX model, "
-                    f"which disagrees with the config's {list(config_shape)}"
+        check_names(self.config, list(graph_inputs), list(graph_outputs), artifact, _WHERE)
+        for kind, specs, nodes in (
+            ("input", self.config.inputs, graph_inputs),
+            ("output", self.config.outputs, graph_outputs),
+        ):
+            for spec in specs:
+                node = nodes[spec.name]
+                check_tensor(
+                    self.config,
+                    spec,
+                    kind=kind,
+                    dtype=node.type,
+                    expected_dtype=_ORT_TYPES[spec.data_type],
+                    shape=list(node.shape),
+                    artifact=artifact,
+                    where=_WHERE,
                 )
 
 

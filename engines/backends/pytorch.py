@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from engines.backends.base import Device, first_line, run_warmup
+from engines.backends.base import Device, check_names, check_tensor, first_line, run_warmup
 from engines.errors import BackendUnavailableError, ModelLoadError
 from engines.tensors import is_device_array
 
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 COMPILE_ENV = "PAPSCAN_TORCH_COMPILE"
 
 # torch's names for the element types of the config's data types.
+_WHERE = "the exported program"
 _TORCH_TYPES = {
     "TYPE_FP32": "float32",
     "TYPE_FP16": "float16",
@@ -208,11 +209,7 @@ class PyTorchBackend:
         """Raises ModelLoadError where the program's signature disagrees with the config."""
         names, by_keyword = _program_input_names(program)
         config_inputs = [spec.name for spec in self.config.inputs]
-        if sorted(names) != sorted(config_inputs):
-            raise ModelLoadError(
-                f"{artifact}: the exported program's inputs {sorted(names)} do not match "
-                f"the config's inputs {sorted(config_inputs)}"
-            )
+        check_names(self.config, names, [s.name for s in self.config.outputs], artifact, _WHERE)
         if not by_keyword and names != config_inputs:
             raise ModelLoadError(
                 f"{artifact}: the exported program takes its inputs by position in the order "
@@ -254,33 +251,26 @@ class PyTorchBackend:
     def _check_tensor(
         self, program: Any, spec: TensorSpec, value: Any, artifact: Path, kind: str
     ) -> None:
-        dtype = str(getattr(value, "dtype", "not a tensor")).removeprefix("torch.")
-        if dtype != _TORCH_TYPES[spec.data_type]:
-            raise ModelLoadError(
-                f"{artifact}: {kind} '{spec.name}' is {dtype} in the exported program "
-                f"but {spec.data_type} in the config"
-            )
-        config_shape = self.config.full_shape(spec)
-        shape = list(value.shape)
-        if len(shape) != len(config_shape):
-            raise ModelLoadError(
-                f"{artifact}: {kind} '{spec.name}' has shape {_shape_text(shape)} in the exported "
-                f"program, not of rank {len(config_shape)} as the config's {list(config_shape)}"
-            )
+        shape = list(value.shape) if hasattr(value, "shape") else []
+        check_tensor(
+            self.config,
+            spec,
+            kind=kind,
+            dtype=str(getattr(value, "dtype", "not a tensor")).removeprefix("torch."),
+            expected_dtype=_TORCH_TYPES[spec.data_type],
+            shape=shape,
+            artifact=artifact,
+            where=_WHERE,
+        )
         if self.config.is_batched:
             self._check_batch_dim(program, spec, shape[0], artifact, kind)
-        start = 1 if self.config.is_batched else 0
-        for axis in range(start, len(config_shape)):
-            want, have = config_shape[axis], shape[axis]
-            if want != -1 and isinstance(have, int) and have != want:
+        config_shape = self.config.full_shape(spec)
+        for axis in range(1 if self.config.is_batched else 0, len(config_shape)):
+            have = shape[axis]
+            if config_shape[axis] == -1 and kind == "input" and isinstance(have, int):
                 raise ModelLoadError(
-                    f"{artifact}: {kind} '{spec.name}' has shape {_shape_text(shape)} in the "
-                    f"exported program, which disagrees with the config's {list(config_shape)}"
-                )
-            if want == -1 and kind == "input" and isinstance(have, int):
-                raise ModelLoadError(
-                    f"{artifact}: input '{spec.name}' has dim {axis} fixed to {have} in the "
-                    f"exported program but dynamic (-1) in the config; export it with a "
+                    f"{artifact}: input '{spec.name}' has dim {axis} fixed to {have} in "
+                    f"{_WHERE} but dynamic (-1) in the config; export it with a "
                     "torch.export.Dim"
                 )
 
@@ -288,14 +278,7 @@ class PyTorchBackend:
         self, program: Any, spec: TensorSpec, batch_dim: Any, artifact: Path, kind: str
     ) -> None:
         max_batch = self.config.max_batch_size
-        if isinstance(batch_dim, int):
-            if batch_dim == 1 == max_batch:
-                return
-            raise ModelLoadError(
-                f"{artifact}: {kind} '{spec.name}' has a fixed batch dimension {batch_dim} but "
-                f"max_batch_size is {max_batch}; export it with a dynamic batch (torch.export.Dim)"
-            )
-        if kind != "input":
+        if isinstance(batch_dim, int) or kind != "input":  # fixed ones: see check_tensor
             return
         bounds = _symbol_range(program, batch_dim)
         if bounds is not None and (bounds[0] > 1 or bounds[1] < max_batch):
@@ -363,8 +346,3 @@ def _symbol_range(program: Any, dim: Any) -> tuple[int | float, int | float] | N
     lower = int(bounds.lower) if bounds.lower.is_finite else 0
     upper = int(bounds.upper) if bounds.upper.is_finite else float("inf")
     return lower, upper
-
-
-def _shape_text(shape: list[Any]) -> str:
-    """A shape with symbolic dims written as their symbols, e.g. ``[s0, 3, 96, 96]``."""
-    return "[" + ", ".join(str(d) for d in shape) + "]"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engines.backends.base import check_names, check_tensor
 from engines.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -320,49 +321,20 @@ def check_io(config: ModelConfig, tensors: list[TensorInfo], artifact: Path, whe
     """
     inputs = {t.name: t for t in tensors if t.is_input}
     outputs = {t.name: t for t in tensors if not t.is_input}
-    config_inputs = [spec.name for spec in config.inputs]
-    if set(inputs) != set(config_inputs):
-        raise ModelLoadError(
-            f"{artifact}: the inputs {sorted(inputs)} of {where} do not match "
-            f"the config's inputs {sorted(config_inputs)}"
-        )
-    missing = [spec.name for spec in config.outputs if spec.name not in outputs]
-    if missing:
-        raise ModelLoadError(
-            f"{artifact}: the outputs {sorted(outputs)} of {where} lack "
-            f"the config's output(s) {missing}"
-        )
-    for spec in config.inputs:
-        _check_tensor(config, spec, inputs[spec.name], artifact, where, "input")
-    for spec in config.outputs:
-        _check_tensor(config, spec, outputs[spec.name], artifact, where, "output")
-
-
-def _check_tensor(
-    config: ModelConfig, spec: TensorSpec, tensor: TensorInfo, artifact: Path, where: str, kind: str
-) -> None:
-    expected = TRT_TYPES[spec.data_type]
-    if tensor.dtype != expected:
-        raise ModelLoadError(
-            f"{artifact}: {kind} '{spec.name}' is {tensor.dtype} in {where} "
-            f"but {spec.data_type} ({expected}) in the config"
-        )
-    want = config.full_shape(spec)
-    have = list(tensor.shape)
-    if len(have) != len(want):
-        raise ModelLoadError(
-            f"{artifact}: {kind} '{spec.name}' has shape {have} in {where}, "
-            f"not of rank {len(want)} as the config's {list(want)}"
-        )
-    if config.is_batched and have[0] != -1 and not (have[0] == 1 == config.max_batch_size):
-        raise ModelLoadError(
-            f"{artifact}: {kind} '{spec.name}' has a fixed batch dimension {have[0]} but "
-            f"max_batch_size is {config.max_batch_size}; export the ONNX model with a dynamic batch"
-        )
-    start = 1 if config.is_batched else 0
-    for axis in range(start, len(want)):
-        if want[axis] != -1 and have[axis] != -1 and have[axis] != want[axis]:
-            raise ModelLoadError(
-                f"{artifact}: {kind} '{spec.name}' has shape {have} in {where}, "
-                f"which disagrees with the config's {list(want)}"
+    check_names(config, list(inputs), list(outputs), artifact, where)
+    for kind, specs, found in (
+        ("input", config.inputs, inputs),
+        ("output", config.outputs, outputs),
+    ):
+        for spec in specs:
+            tensor = found[spec.name]
+            check_tensor(
+                config,
+                spec,
+                kind=kind,
+                dtype=tensor.dtype,
+                expected_dtype=TRT_TYPES[spec.data_type],
+                shape=list(tensor.shape),
+                artifact=artifact,
+                where=where,
             )

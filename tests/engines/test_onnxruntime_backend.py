@@ -51,7 +51,8 @@ def test_mismatched_input_names(make_repo: Any, build_classifier: Any) -> None:
     with pytest.raises(ModelLoadError) as info:
         ModelRepository(repo).load("tiny_classifier")
     assert str(info.value) == (
-        f"{artifact}: the ONNX inputs ['images'] do not match the config's inputs ['crops']"
+        f"{artifact}: the inputs ['images'] of the ONNX model do not match "
+        "the config's inputs ['crops']"
     )
 
 
@@ -91,7 +92,7 @@ def test_mismatched_dims(make_repo: Any) -> None:
     with pytest.raises(ModelLoadError) as info:
         ModelRepository(repo).load("tiny_classifier")
     assert str(info.value).endswith(
-        "output 'probs' has shape ['N', 3] in the ONNX model, which disagrees with "
+        "output 'probs' has shape [N, 3] in the ONNX model, which disagrees with "
         "the config's [-1, 4]"
     )
 
@@ -105,7 +106,7 @@ def test_mismatched_rank(make_repo: Any, config_writer: Any) -> None:
     with pytest.raises(ModelLoadError) as info:
         ModelRepository(repo).load("tiny_roi")
     assert str(info.value).endswith(
-        "input 'cell_features' has shape ['N', 'M', 8] in the ONNX model, "
+        "input 'cell_features' has shape [N, M, 8] in the ONNX model, "
         "not of rank 2 as the config's [-1, 8]"
     )
 

@@ -203,7 +203,7 @@ def test_mismatched_input_names(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError) as info:
         ModelRepository(repo).load("tiny_classifier", device="cpu")
     assert str(info.value) == (
-        f"{artifact}: the exported program's inputs ['images'] do not match "
+        f"{artifact}: the inputs ['images'] of the exported program do not match "
         "the config's inputs ['crops']"
     )
 

@@ -314,8 +314,8 @@ def test_matching_io_passes_and_extra_outputs_are_allowed(tmp_path: Path) -> Non
         ),
         (
             {"crops": TensorInfo("crops", True, "FLOAT", (8, 3, 4, 4))},
-            "input 'crops' has a fixed batch dimension 8 but max_batch_size is 8; export the "
-            "ONNX model with a dynamic batch",
+            "input 'crops' has a fixed batch dimension 8 but max_batch_size is 8; export it "
+            "with a dynamic batch",
         ),
         (
             {"features": TensorInfo("features", False, "FLOAT", (-1, 16))},

@@ -64,7 +64,9 @@ def test_describe_an_unknown_model_is_one_sentence() -> None:
 
 def test_an_invalid_config_is_one_sentence_naming_the_field(repo_copy: Path) -> None:
     config = repo_copy / "cell_classifier" / "config.yaml"
-    config.write_text(config.read_text() + "instance_count: 0\n")
+    text = config.read_text()
+    assert "instance_count: 1\n" in text
+    config.write_text(text.replace("instance_count: 1\n", "instance_count: 0\n"))
     result = papscan("models", "list", str(repo_copy))
     assert result.returncode == 1
     assert result.stderr.strip() == (

@@ -189,29 +189,36 @@ class ScanPipeline:
         done = 0
         if progress:
             progress(0, len(rois))
-        with _WriteBehind(sink, clock) as writer:
-            pending: list[_Pending] = []
-            for batch in _batched(
-                read_ahead(_timed(reader, clock), rois, depth=self.options.read_ahead),
-                self._detector_batch(),
-            ):
-                pending.extend(self._detect(batch, clock))
-                if (
-                    len(pending) >= self.options.chunk_rois
-                    or self._pending_cells(pending)
-                    >= self.models.cell_classifier.config.max_batch_size
+        pending: list[_Pending] = []
+        try:
+            with _WriteBehind(sink, clock) as writer:
+                for batch in _batched(
+                    read_ahead(_timed(reader, clock), rois, depth=self.options.read_ahead),
+                    self._detector_batch(),
                 ):
+                    pending.extend(self._detect(batch, clock))
+                    if (
+                        len(pending) >= self.options.chunk_rois
+                        or self._pending_cells(pending)
+                        >= self.models.cell_classifier.config.max_batch_size
+                    ):
+                        writer.put(*self._classify(pending, aggregator, clock))
+                        done += len(pending)
+                        pending = []
+                        if progress:
+                            progress(done, len(rois))
+                if pending:
                     writer.put(*self._classify(pending, aggregator, clock))
                     done += len(pending)
                     pending = []
                     if progress:
                         progress(done, len(rois))
-            if pending:
-                writer.put(*self._classify(pending, aggregator, clock))
-                done += len(pending)
-                if progress:
-                    progress(done, len(rois))
-        reader.close()
+        finally:
+            # A failed, cancelled or timed-out scan must not leak its file handle and
+            # decoder into a long-running worker, nor leave crops queued in the batcher.
+            for p in pending:
+                p.cell_outputs.cancel()
+            reader.close()
         clock.ms["total"] = (time.perf_counter() - start) * 1000
         return ScanOutcome(aggregator.summary(), clock.rounded(), len(rois), reader.name)
 

@@ -91,7 +91,10 @@ class Scan(Base):
     """One run of the pipeline over one slide: status, progress, versions, timings.
 
     `status` goes queued -> running -> done | failed; queued or running -> cancelled.
-    Progress is `rois_done / rois_planned`.
+    Progress is `rois_done / rois_planned`. `attempt` counts the times a worker claimed
+    the scan (a job redelivered after its worker died claims it again); a worker writes
+    only while the row still carries its own attempt, so two deliveries of one job never
+    both write rows.
     """
 
     __tablename__ = "scans"
@@ -113,6 +116,7 @@ class Scan(Base):
     stage_timings_ms: Mapped[dict[str, Any] | None]
     rois_planned: Mapped[int | None] = mapped_column(Integer)
     rois_done: Mapped[int] = mapped_column(Integer, default=0)
+    attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(255))
     reader: Mapped[str | None] = mapped_column(String(32))

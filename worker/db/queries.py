@@ -15,7 +15,9 @@ the cell's own `review_rank` if set, else its 1-based position in `top_cells`. A
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -236,9 +238,11 @@ def write_chunk(
 ) -> None:
     """Bulk-insert a chunk of a scan's ROIs and cells; advance `scans.rois_done`.
 
-    ROIs are inserted with RETURNING (ids in parameter order), then cells in one
-    executemany (multi-row INSERTs). A cell's `roi_index` may name an ROI of this chunk or
-    one written earlier in the same scan.
+    ROIs are inserted with RETURNING (ids in parameter order), then cells: on PostgreSQL
+    with COPY inside the caller's transaction (several times the rows/s of INSERTs), on
+    other databases in one executemany (multi-row INSERTs). The stored rows are the same
+    either way. A cell's `roi_index` may name an ROI of this chunk or one written earlier
+    in the same scan.
 
     Args:
         scan_id: the scan's id.
@@ -275,25 +279,28 @@ def write_chunk(
                 raise ValueError(
                     f"cells name ROI indexes {sorted(unknown)[:5]} that scan {scan_id} lacks."
                 )
-        cell_rows = [
-            dict(
-                scan_id=scan_id,
-                roi_id=roi_ids[c.roi_index],
-                x=c.x,
-                y=c.y,
-                w=c.w,
-                h=c.h,
-                detection_score=c.detection_score,
-                label=c.label,
-                score=c.score,
-                suspicion=c.suspicion,
-                probs=dict(c.probs),
-                attention=c.attention,
-                review_rank=c.review_rank,
-            )
-            for c in cells
-        ]
-        s.execute(insert(Cell), cell_rows)
+        if s.get_bind().dialect.name == "postgresql":
+            _copy_cells(s, scan_id, roi_ids, cells)
+        else:
+            cell_rows = [
+                dict(
+                    scan_id=scan_id,
+                    roi_id=roi_ids[c.roi_index],
+                    x=c.x,
+                    y=c.y,
+                    w=c.w,
+                    h=c.h,
+                    detection_score=c.detection_score,
+                    label=c.label,
+                    score=c.score,
+                    suspicion=c.suspicion,
+                    probs=dict(c.probs),
+                    attention=c.attention,
+                    review_rank=c.review_rank,
+                )
+                for c in cells
+            ]
+            s.execute(insert(Cell), cell_rows)
     if rois:
         s.execute(
             update(Scan).where(Scan.id == scan_id).values(rois_done=Scan.rois_done + len(rois)),
@@ -301,6 +308,61 @@ def write_chunk(
         )
         _expire_scan(s, scan_id, ["rois_done"])
     logger.debug("scan %d: wrote %d ROIs, %d cells", scan_id, len(rois), len(cells))
+
+
+_COPY_CELLS = (
+    "COPY cells (scan_id, roi_id, x, y, w, h, detection_score, label, score, suspicion,"
+    " probs, attention, review_rank) FROM STDIN"
+)
+
+
+def _copy_cells(
+    s: Session, scan_id: int, roi_ids: dict[int, int], cells: Sequence[CellResult]
+) -> None:
+    """COPY cells into PostgreSQL on the session's own connection, in its transaction.
+
+    `probs` is written as the text `json.dumps` gives, which is what SQLAlchemy's JSON
+    type stores for an INSERT, so both paths store the same rows.
+    """
+    dbapi = s.connection().connection.driver_connection
+    keys: dict[str, str] = {}  # label -> its JSON string, e.g. '"NILM": '
+    with dbapi.cursor() as cursor, cursor.copy(_COPY_CELLS) as copy:
+        write_row = copy.write_row
+        for c in cells:
+            write_row(
+                (
+                    scan_id,
+                    roi_ids[c.roi_index],
+                    c.x,
+                    c.y,
+                    c.w,
+                    c.h,
+                    c.detection_score,
+                    c.label,
+                    c.score,
+                    c.suspicion,
+                    _json_object(c.probs, keys),
+                    c.attention,
+                    c.review_rank,
+                )
+            )
+
+
+def _json_object(probs: dict[str, float], keys: dict[str, str]) -> str:
+    """`json.dumps(probs)` for a dict of label -> finite float, about 4x faster.
+
+    `json.dumps` writes a finite float with `float.__repr__` and an int with `int.__repr__`;
+    anything else (NaN, infinities, other types) goes through `json.dumps` itself.
+    """
+    parts = []
+    for key, value in probs.items():
+        if type(value) not in (float, int) or not math.isfinite(value):
+            return json.dumps(dict(probs))
+        prefix = keys.get(key)
+        if prefix is None:
+            prefix = keys[key] = json.dumps(key) + ": "
+        parts.append(prefix + repr(value))
+    return "{" + ", ".join(parts) + "}"
 
 
 def finish_scan(

@@ -34,3 +34,30 @@ class ScanNotFoundError(PapscanError, LookupError):
 
 class SettingsError(PapscanError, ValueError):
     """A `PAPSCAN_*` environment variable holds a value papscan cannot use."""
+
+
+class BrokerUnavailableError(TransientError):
+    """The job broker (Redis at `PAPSCAN_BROKER_URL`) cannot be reached."""
+
+
+class ScanTimeLimitError(PapscanError):
+    """A queued scan ran past its soft time limit; it is failed, not retried."""
+
+
+class ScanSupersededError(PapscanError):
+    """The scan row no longer belongs to this attempt: it was cancelled, or a redelivery of
+    its job claimed it again. The attempt stops writing and leaves the row alone.
+
+    Attributes:
+        scan_id: the scan.
+        status: the row's status now (e.g. "cancelled", "running").
+    """
+
+    def __init__(self, scan_id: int, status: str) -> None:
+        super().__init__(f"scan {scan_id} is no longer this worker's to write ({status}).")
+        self.scan_id = scan_id
+        self.status = status
+
+
+class ScanStateError(PapscanError):
+    """A scan is not in a state the command can act on (e.g. retrying a finished scan)."""

@@ -23,6 +23,14 @@ _DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 _DEFAULT_READ_AHEAD = 4
 _DEFAULT_INTRA_OP_THREADS = 0
 _DEFAULT_DB_CHUNK_ROIS = 32
+# A scan is stopped at its soft limit (its scan fails, the worker goes on) and its worker
+# process is ended at the hard one; the broker must not hand a slide to a second worker
+# while the first may still be on it, so the visibility timeout outlasts the hard limit.
+_DEFAULT_SOFT_LIMIT_S = 2 * 3600
+_DEFAULT_HARD_LIMIT_S = _DEFAULT_SOFT_LIMIT_S + 600
+_VISIBILITY_MARGIN_S = 1800
+_DEFAULT_TASK_RETRIES = 5
+_DEFAULT_RETRY_BACKOFF_S = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +47,19 @@ class Settings:
         intra_op_threads: threads per inference runtime op (`PAPSCAN_INTRA_OP_THREADS`);
             0 leaves the runtime's default.
         db_chunk_rois: ROIs written per database transaction (`PAPSCAN_DB_CHUNK_ROIS`), >= 1.
+        scan_soft_limit_s: seconds after which a queued scan is stopped and failed
+            (`PAPSCAN_SCAN_SOFT_LIMIT_S`); the worker goes on with the next slide.
+        scan_hard_limit_s: seconds after which the worker process running a scan marks it
+            failed and exits, for its supervisor to restart (`PAPSCAN_SCAN_HARD_LIMIT_S`);
+            > the soft limit.
+        visibility_timeout_s: seconds Redis waits for a delivered job's acknowledgement
+            before handing it to another worker (`PAPSCAN_VISIBILITY_TIMEOUT_S`); default
+            the hard limit plus 30 min. Shorter than the longest slide, a slide is scanned
+            twice at once (the later attempt wins; the earlier stops at its next chunk).
+        task_max_retries: retries of a scan after transient errors (database unreachable)
+            before it is failed (`PAPSCAN_TASK_MAX_RETRIES`).
+        retry_backoff_s: first retry delay, doubled each retry up to 10 min
+            (`PAPSCAN_RETRY_BACKOFF_S`), >= 1.
     """
 
     db_url: str
@@ -47,6 +68,11 @@ class Settings:
     read_ahead: int = _DEFAULT_READ_AHEAD
     intra_op_threads: int = _DEFAULT_INTRA_OP_THREADS
     db_chunk_rois: int = _DEFAULT_DB_CHUNK_ROIS
+    scan_soft_limit_s: int = _DEFAULT_SOFT_LIMIT_S
+    scan_hard_limit_s: int = _DEFAULT_HARD_LIMIT_S
+    visibility_timeout_s: int = _DEFAULT_HARD_LIMIT_S + _VISIBILITY_MARGIN_S
+    task_max_retries: int = _DEFAULT_TASK_RETRIES
+    retry_backoff_s: int = _DEFAULT_RETRY_BACKOFF_S
 
 
 def default_db_url() -> str:
@@ -89,6 +115,13 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         return value
 
     models = text("PAPSCAN_MODELS")
+    soft_s = integer("PAPSCAN_SCAN_SOFT_LIMIT_S", _DEFAULT_SOFT_LIMIT_S, 1)
+    hard_s = integer("PAPSCAN_SCAN_HARD_LIMIT_S", max(_DEFAULT_HARD_LIMIT_S, soft_s + 60), 2)
+    if hard_s <= soft_s:
+        raise SettingsError(
+            f"PAPSCAN_SCAN_HARD_LIMIT_S ({hard_s}) must be greater than"
+            f" PAPSCAN_SCAN_SOFT_LIMIT_S ({soft_s})."
+        )
     return Settings(
         db_url=text("PAPSCAN_DB_URL") or default_db_url(),
         models_dir=Path(models).expanduser() if models else None,
@@ -96,4 +129,11 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         read_ahead=integer("PAPSCAN_READ_AHEAD", _DEFAULT_READ_AHEAD, 1),
         intra_op_threads=integer("PAPSCAN_INTRA_OP_THREADS", _DEFAULT_INTRA_OP_THREADS, 0),
         db_chunk_rois=integer("PAPSCAN_DB_CHUNK_ROIS", _DEFAULT_DB_CHUNK_ROIS, 1),
+        scan_soft_limit_s=soft_s,
+        scan_hard_limit_s=hard_s,
+        visibility_timeout_s=integer(
+            "PAPSCAN_VISIBILITY_TIMEOUT_S", hard_s + _VISIBILITY_MARGIN_S, 1
+        ),
+        task_max_retries=integer("PAPSCAN_TASK_MAX_RETRIES", _DEFAULT_TASK_RETRIES, 0),
+        retry_backoff_s=integer("PAPSCAN_RETRY_BACKOFF_S", _DEFAULT_RETRY_BACKOFF_S, 1),
     )

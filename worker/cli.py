@@ -205,3 +205,7 @@ app.add_typer(train_app, name="train", help="Train models and write a model repo
 app.add_typer(
     models_app, name="models", help="Inspect, verify, warm up and time a model repository."
 )
+from worker.queue_cli import queue_app  # noqa: E402
+
+# `papscan worker|submit|status|cancel|retry|watch`: the overnight queue, at the top level.
+app.add_typer(queue_app)

@@ -54,6 +54,18 @@ class Priority(StrEnum):
     routine = "routine"
 
 
+def _serve_metrics(port: int) -> None:
+    """Serves the process's Prometheus registry (where `engines.metrics.METRICS` is) on
+    `port`, from a daemon thread; one sentence if the port is taken."""
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port)
+    except OSError as exc:
+        fail(f"cannot serve metrics on port {port} ({exc.strerror or exc})")
+    logger.info("metrics at http://0.0.0.0:%d/metrics", port)
+
+
 def _settings(db: str | None = None, models: Path | None = None):
     from worker.settings import get_settings
 
@@ -102,6 +114,16 @@ def worker(
     db: DbOption = None,
     models: ModelsOption = None,
     loglevel: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            envvar="PAPSCAN_METRICS_PORT",
+            min=0,
+            max=65535,
+            help="Serve the engines' Triton-style metrics for Prometheus at "
+            "http://HOST:PORT/metrics; 0 serves none.",
+        ),
+    ] = 0,
 ) -> None:
     """Run one worker process: load and warm up the models, then scan queued slides."""
     if gpu is not None:
@@ -152,6 +174,8 @@ def worker(
         category=CPendingDeprecationWarning,
     )
 
+    if metrics_port:
+        _serve_metrics(metrics_port)
     start = time.perf_counter()
     runtime = load_runtime(node, settings)  # loaded and warmed up before taking any job
     logger.info(

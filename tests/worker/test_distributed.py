@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +135,11 @@ def corrupt_middle_tile(source: Path, target: Path) -> Path:
 def test_two_workers_scan_six_slides_like_an_in_process_scan(
     cluster: Cluster, slides: list[Path], reference
 ) -> None:
-    workers = [cluster.start_worker("w1@test"), cluster.start_worker("w2@test")]
+    port = free_port()
+    workers = [
+        cluster.start_worker("w1@test", "--metrics-port", str(port)),
+        cluster.start_worker("w2@test"),
+    ]
     report = cluster.submit(*map(str, slides))
     assert len(report["queued"]) == 6 and report["skipped"] == []
     ids = [q["scan_id"] for q in report["queued"]]
@@ -146,6 +151,13 @@ def test_two_workers_scan_six_slides_like_an_in_process_scan(
         assert scans[scan_id].attempt == 1
         _assert_one_complete_set(cluster, scan_id, reference(path))
     assert all(w.alive for w in workers)
+    # w1 serves its engines' metrics: the slides it scanned went through its detector.
+    w1_slides = sum(1 for s in scans.values() if s.worker == "w1@test")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    detector = 'nv_inference_request_success_total{model="cell_detector",version="1"}'
+    (line,) = [x for x in text.splitlines() if x.startswith(detector)]
+    assert float(line.split()[-1]) >= w1_slides > 0
+    assert 'nv_inference_exec_count_total{model="cell_classifier",version="1"}' in text
 
 
 def test_stat_jobs_are_taken_before_routine_ones(cluster: Cluster, slides: list[Path]) -> None:

@@ -239,27 +239,6 @@ def _new_scan(db: Database) -> int:
         return scan.id
 
 
-def _cell_rows(scan_id: int, roi_ids: dict[int, int], cells: list[CellResult]) -> list[dict]:
-    return [
-        dict(
-            scan_id=scan_id,
-            roi_id=roi_ids[c.roi_index],
-            x=c.x,
-            y=c.y,
-            w=c.w,
-            h=c.h,
-            detection_score=c.detection_score,
-            label=c.label,
-            score=c.score,
-            suspicion=c.suspicion,
-            probs=dict(c.probs),
-            attention=c.attention,
-            review_rank=c.review_rank,
-        )
-        for c in cells
-    ]
-
-
 def rows_per_second(rows: int, row_by_row: int) -> dict[str, float]:
     """Cell rows/s: papscan's bulk writer, a plain executemany, one INSERT per row."""
     scratch = Scratch()
@@ -288,7 +267,7 @@ def rows_per_second(rows: int, row_by_row: int) -> dict[str, float]:
                     select(queries.Roi.index, queries.Roi.id).where(queries.Roi.scan_id == scan_id)
                 ).all()
             )
-            s.execute(insert(Cell), _cell_rows(scan_id, roi_ids, cells))
+            s.execute(insert(Cell), queries.cell_row_dicts(scan_id, roi_ids, cells))
 
         def one_by_one(s, scan_id, rois, cells) -> None:
             queries.write_chunk(s, scan_id, rois, [])
@@ -297,7 +276,7 @@ def rows_per_second(rows: int, row_by_row: int) -> dict[str, float]:
                     select(queries.Roi.index, queries.Roi.id).where(queries.Roi.scan_id == scan_id)
                 ).all()
             )
-            for row in _cell_rows(scan_id, roi_ids, cells):
+            for row in queries.cell_row_dicts(scan_id, roi_ids, cells):
                 s.execute(insert(Cell).values(**row))
 
         timed("bulk writer (write_chunk)", rows, queries.write_chunk)

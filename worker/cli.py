@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from worker.cli_common import fails_in_one_sentence, repository
+from worker.cli_common import DbOption, ModelsOption, fails_in_one_sentence, repository
 
 app = typer.Typer(
     name="papscan",
@@ -25,21 +25,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Screen cervical cytology whole-slide images: scan, inspect and export results.",
 )
-
-DbOption = Annotated[
-    str | None,
-    typer.Option(
-        "--db",
-        help="SQLAlchemy URL of the results database [default: PAPSCAN_DB_URL, else a "
-        "SQLite file in the user data directory].",
-    ),
-]
-ModelsOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--models", help="Model repository [default: PAPSCAN_MODELS, else the bundled one]."
-    ),
-]
 
 
 class Reader(StrEnum):

@@ -6,11 +6,26 @@ import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
 from engines.errors import PapscanError
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="SQLAlchemy URL of the results database [default: PAPSCAN_DB_URL, else a "
+        "SQLite file in the user data directory].",
+    ),
+]
+ModelsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--models", help="Model repository [default: PAPSCAN_MODELS, else the bundled one]."
+    ),
+]
 
 
 def fails_in_one_sentence(command: Callable[..., Any]) -> Callable[..., Any]:

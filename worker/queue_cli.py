@@ -26,26 +26,12 @@ from typing import Annotated, Any
 
 import typer
 
-from worker.cli_common import fail, fails_in_one_sentence, repository
+from worker.cli_common import DbOption, ModelsOption, fail, fails_in_one_sentence, repository
 
 queue_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 logger = logging.getLogger(__name__)
 
-DbOption = Annotated[
-    str | None,
-    typer.Option(
-        "--db",
-        help="SQLAlchemy URL of the results database [default: PAPSCAN_DB_URL, else a "
-        "SQLite file in the user data directory].",
-    ),
-]
-ModelsOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--models", help="Model repository [default: PAPSCAN_MODELS, else the bundled one]."
-    ),
-]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 

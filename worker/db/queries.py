@@ -282,24 +282,7 @@ def write_chunk(
         if s.get_bind().dialect.name == "postgresql":
             _copy_cells(s, scan_id, roi_ids, cells)
         else:
-            cell_rows = [
-                dict(
-                    scan_id=scan_id,
-                    roi_id=roi_ids[c.roi_index],
-                    x=c.x,
-                    y=c.y,
-                    w=c.w,
-                    h=c.h,
-                    detection_score=c.detection_score,
-                    label=c.label,
-                    score=c.score,
-                    suspicion=c.suspicion,
-                    probs=dict(c.probs),
-                    attention=c.attention,
-                    review_rank=c.review_rank,
-                )
-                for c in cells
-            ]
+            cell_rows = cell_row_dicts(scan_id, roi_ids, cells)
             s.execute(insert(Cell), cell_rows)
     if rois:
         s.execute(
@@ -643,3 +626,33 @@ def _path_forms(ref: str) -> list[str]:
     except (OSError, RuntimeError, ValueError):
         pass
     return list(dict.fromkeys(forms))
+
+
+def cell_row_dicts(
+    scan_id: int, roi_ids: dict[int, int], cells: list[CellResult]
+) -> list[dict[str, Any]]:
+    """The `cells` table rows of `cells` as dicts, for an executemany INSERT.
+
+    Args:
+        scan_id: The scan the cells belong to.
+        roi_ids: ROI index within the scan -> `rois.id`.
+        cells: The pipeline's cells.
+    """
+    return [
+        dict(
+            scan_id=scan_id,
+            roi_id=roi_ids[c.roi_index],
+            x=c.x,
+            y=c.y,
+            w=c.w,
+            h=c.h,
+            detection_score=c.detection_score,
+            label=c.label,
+            score=c.score,
+            suspicion=c.suspicion,
+            probs=dict(c.probs),
+            attention=c.attention,
+            review_rank=c.review_rank,
+        )
+        for c in cells
+    ]

@@ -107,16 +107,7 @@ def naive_scan(slide_path: Path, repo: ModelRepository, workdir: Path, max_rois:
     db.create_schema()
     with open_slide(slide_path) as slide, db.session() as s:
         info = slide.info
-        row = queries.upsert_slide(
-            s,
-            fingerprint=info.fingerprint,
-            path=str(info.path),
-            vendor=info.vendor,
-            width=info.width,
-            height=info.height,
-            mpp_x=info.mpp_x,
-            mpp_y=info.mpp_y,
-        )
+        row = queries.record_slide(s, info)
         scan = queries.create_scan(s, row.id, models.versions())
         s.commit()
         start = time.perf_counter()

@@ -112,7 +112,7 @@ class DynamicBatcher:
             instance_count = config.instance_count
         self.model = model
         self.max_batch_size = config.max_batch_size
-        self.preferred = tuple(sorted(b for b in set(preferred_batch_size)))
+        self.preferred = tuple(sorted(set(preferred_batch_size)))
         if any(b < 1 or b > self.max_batch_size for b in self.preferred):
             raise ModelInputError(
                 f"{model.name}: preferred batch sizes must lie in 1..{self.max_batch_size}, "

@@ -77,6 +77,7 @@ def scan(
     from worker.console import out, print_report, roi_progress
     from worker.pipeline.scan import ScanOptions
     from worker.scanner import scan_file
+    from worker.settings import get_settings
 
     with roi_progress(slide.name, enabled=progress and not as_json) as on_progress:
         report = scan_file(
@@ -84,7 +85,7 @@ def scan(
             _database(db),
             repository(models),
             mpp=mpp,
-            options=ScanOptions(reader=reader.value),
+            options=ScanOptions.from_settings(get_settings(), reader=reader.value),
             progress=on_progress,
         )
     if as_json:

@@ -82,16 +82,7 @@ def scan_file(
             db.create_schema()
             info = slide.info
             with db.session() as s, s.begin():
-                row = queries.upsert_slide(
-                    s,
-                    fingerprint=info.fingerprint,
-                    path=str(info.path),
-                    vendor=info.vendor,
-                    width=info.width,
-                    height=info.height,
-                    mpp_x=info.mpp_x,
-                    mpp_y=info.mpp_y,
-                )
+                row = queries.record_slide(s, info)
                 scan = queries.create_scan(s, row.id, models.versions())
                 slide_id, scan_id = row.id, scan.id
             pipeline = ScanPipeline(models, options)

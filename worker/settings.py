@@ -21,7 +21,6 @@ __all__ = ["Settings", "SettingsError", "default_db_url", "get_settings"]
 
 _DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 _DEFAULT_READ_AHEAD = 4
-_DEFAULT_INTRA_OP_THREADS = 0
 _DEFAULT_DB_CHUNK_ROIS = 32
 # A scan is stopped at its soft limit (its scan fails, the worker goes on) and its worker
 # process is ended at the hard one; the broker must not hand a slide to a second worker
@@ -44,8 +43,6 @@ class Settings:
             shipped inside `engines`.
         broker_url: Celery broker URL (`PAPSCAN_BROKER_URL`).
         read_ahead: ROIs read and decoded ahead of inference (`PAPSCAN_READ_AHEAD`), >= 1.
-        intra_op_threads: threads per inference runtime op (`PAPSCAN_INTRA_OP_THREADS`);
-            0 leaves the runtime's default.
         db_chunk_rois: ROIs written per database transaction (`PAPSCAN_DB_CHUNK_ROIS`), >= 1.
         scan_soft_limit_s: seconds after which a queued scan is stopped and failed
             (`PAPSCAN_SCAN_SOFT_LIMIT_S`); the worker goes on with the next slide.
@@ -66,7 +63,6 @@ class Settings:
     models_dir: Path | None = None
     broker_url: str = _DEFAULT_BROKER_URL
     read_ahead: int = _DEFAULT_READ_AHEAD
-    intra_op_threads: int = _DEFAULT_INTRA_OP_THREADS
     db_chunk_rois: int = _DEFAULT_DB_CHUNK_ROIS
     scan_soft_limit_s: int = _DEFAULT_SOFT_LIMIT_S
     scan_hard_limit_s: int = _DEFAULT_HARD_LIMIT_S
@@ -127,7 +123,6 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         models_dir=Path(models).expanduser() if models else None,
         broker_url=text("PAPSCAN_BROKER_URL") or _DEFAULT_BROKER_URL,
         read_ahead=integer("PAPSCAN_READ_AHEAD", _DEFAULT_READ_AHEAD, 1),
-        intra_op_threads=integer("PAPSCAN_INTRA_OP_THREADS", _DEFAULT_INTRA_OP_THREADS, 0),
         db_chunk_rois=integer("PAPSCAN_DB_CHUNK_ROIS", _DEFAULT_DB_CHUNK_ROIS, 1),
         scan_soft_limit_s=soft_s,
         scan_hard_limit_s=hard_s,

@@ -212,17 +212,7 @@ def submit_slides(
                 skipped.append(SkippedSlide(path, f"same slide as {seen[info.fingerprint]}"))
                 continue
             seen[info.fingerprint] = path
-            row = queries.upsert_slide(
-                s,
-                fingerprint=info.fingerprint,
-                path=path,
-                vendor=info.vendor,
-                width=info.width,
-                height=info.height,
-                mpp_x=info.mpp_x,
-                mpp_y=info.mpp_y,
-                barcode=slide.barcode,
-            )
+            row = queries.record_slide(s, info, barcode=slide.barcode)
             existing = None if force else jobs.find_equivalent_scan(s, row.id, versions)
             if existing is not None:
                 skipped.append(

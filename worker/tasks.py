@@ -70,9 +70,7 @@ def load_runtime(worker: str, settings: Settings | None = None) -> ScanRuntime:
             _runtime = ScanRuntime(
                 db=Database(settings.db_url),
                 models=models,
-                options=ScanOptions(
-                    read_ahead=settings.read_ahead, chunk_rois=settings.db_chunk_rois
-                ),
+                options=ScanOptions.from_settings(settings),
                 worker=worker,
                 soft_limit_s=settings.scan_soft_limit_s,
             )

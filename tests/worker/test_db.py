@@ -20,6 +20,7 @@ from worker.db.models import Base, Cell, Roi, Scan, Slide, SlideResult
 from worker.db.session import Database
 from worker.errors import DatabaseConfigError, DatabaseUnavailableError, TransientError
 from worker.pipeline.records import CellResult, RoiResult, SlideSummary
+from worker.pipeline.scan import ScanOptions
 from worker.settings import SettingsError, get_settings
 
 TABLES = {"slides", "scans", "rois", "cells", "slide_results"}
@@ -364,12 +365,13 @@ def test_settings_defaults_and_overrides(tmp_path: Path) -> None:
     assert settings.db_url.startswith("sqlite:///") and settings.db_url.endswith("/papscan.db")
     assert (settings.models_dir, settings.read_ahead, settings.db_chunk_rois) == (None, 4, 32)
     assert settings.broker_url == "redis://127.0.0.1:6379/0"
-    assert settings.intra_op_threads == 0
     custom = get_settings(
         {"PAPSCAN_DB_URL": "sqlite:///x.db", "PAPSCAN_MODELS": str(tmp_path),
-         "PAPSCAN_READ_AHEAD": "8", "PAPSCAN_INTRA_OP_THREADS": "2"}
+         "PAPSCAN_READ_AHEAD": "8", "PAPSCAN_DB_CHUNK_ROIS": "2"}
     )  # fmt: skip
     assert (custom.db_url, custom.models_dir, custom.read_ahead) == ("sqlite:///x.db", tmp_path, 8)
-    assert custom.intra_op_threads == 2
+    assert custom.db_chunk_rois == 2
+    options = ScanOptions.from_settings(custom, reader="openslide")
+    assert (options.read_ahead, options.chunk_rois, options.reader) == (8, 2, "openslide")
     with pytest.raises(SettingsError, match="PAPSCAN_READ_AHEAD must be an integer >= 1"):
         get_settings({"PAPSCAN_READ_AHEAD": "0"})

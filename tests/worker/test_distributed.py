@@ -261,16 +261,7 @@ def test_a_database_outage_is_retried_with_backoff(cluster: Cluster, slides: lis
     # A queued scan whose job will arrive while the database refuses connections.
     with open_slide(slides[0]) as slide, cluster.db.session() as s, s.begin():
         info = slide.info
-        row = queries.upsert_slide(
-            s,
-            fingerprint=info.fingerprint,
-            path=str(info.path),
-            vendor=info.vendor,
-            width=info.width,
-            height=info.height,
-            mpp_x=info.mpp_x,
-            mpp_y=info.mpp_y,
-        )
+        row = queries.record_slide(s, info)
         scan_id = queries.create_scan(s, row.id, {}).id
     cluster.db.dispose()
     set_pg_connections(cluster.db_url, allowed=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,16 +153,9 @@ def _submitted(db: Database, path: Path, fingerprint: str | None = None) -> int:
 
     with open_slide(path) as slide, db.session() as s, s.begin():
         info = slide.info
-        row = queries.upsert_slide(
-            s,
-            fingerprint=fingerprint or info.fingerprint,
-            path=str(info.path),
-            vendor=info.vendor,
-            width=info.width,
-            height=info.height,
-            mpp_x=info.mpp_x,
-            mpp_y=info.mpp_y,
-        )
+        if fingerprint is not None:
+            info = dataclasses.replace(info, fingerprint=fingerprint)
+        row = queries.record_slide(s, info)
         return queries.create_scan(s, row.id, VERSIONS).id
 
 

@@ -21,7 +21,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Row, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
@@ -29,6 +29,9 @@ from sqlalchemy.orm import Session
 from worker.db.models import SCAN_STATUSES, Cell, Roi, Scan, Slide, SlideResult, utc_now
 from worker.errors import ScanNotFoundError
 from worker.pipeline.records import CellResult, RoiResult, SlideSummary
+
+if TYPE_CHECKING:
+    from worker.slide import SlideInfo
 
 __all__ = [
     "CELL_EXPORT_COLUMNS",
@@ -138,6 +141,26 @@ def upsert_slide(
             slide.barcode = barcode
     s.flush()
     return slide
+
+
+def record_slide(s: Session, info: SlideInfo, *, barcode: str | None = None) -> Slide:
+    """`upsert_slide` for an opened slide: its fingerprint, path, vendor, size and mpp.
+
+    Args:
+        info: `Slide.info` of the opened file.
+        barcode: the slide label's barcode, if read.
+    """
+    return upsert_slide(
+        s,
+        fingerprint=info.fingerprint,
+        path=info.path,
+        vendor=info.vendor,
+        width=info.width,
+        height=info.height,
+        mpp_x=info.mpp_x,
+        mpp_y=info.mpp_y,
+        barcode=barcode,
+    )
 
 
 def create_scan(

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +33,9 @@ from worker.pipeline.plan import cellular_mask, plan_rois
 from worker.pipeline.read import make_reader, read_ahead
 from worker.pipeline.records import CellResult, RoiResult, SlideSummary
 from worker.slide import Slide
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +95,11 @@ class ScanOptions:
     read_ahead: int = 4
     chunk_rois: int = 32
     top_k: int = 20
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> ScanOptions:
+        """The options `PAPSCAN_READ_AHEAD` and `PAPSCAN_DB_CHUNK_ROIS` set, plus `overrides`."""
+        return cls(read_ahead=settings.read_ahead, chunk_rois=settings.db_chunk_rois, **overrides)
 
 
 @dataclass

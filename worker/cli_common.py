@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,6 +39,11 @@ def fails_in_one_sentence(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except typer.Exit:
             raise
+        except BrokenPipeError:
+            # The reader went away (`papscan export … | head`): stop quietly, as cat does.
+            # Point stdout at /dev/null so Python's exit-time flush does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0) from None
         except PapscanError as exc:
             fail(str(exc))
         except KeyboardInterrupt:

@@ -7,7 +7,10 @@ field is never resized to the box (nuclear size is diagnostic).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+from PIL import Image
 
 BACKGROUND_RGB = 255
 
@@ -44,3 +47,35 @@ def normalise(
     x -= np.asarray(mean, np.float32)
     x /= np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def fit_square(image: Image.Image, size_px: int) -> np.ndarray:
+    """Pad an image with white to a centred square, then resize it to `size_px`.
+
+    Padding before resizing keeps the cell's shape (a plain resize would stretch a
+    non-square crop); white is the glass around a cell.
+
+    Args:
+        image: Any PIL image (converted to RGB).
+        size_px: Side of the result.
+
+    Returns:
+        [size_px, size_px, 3] uint8 RGB.
+    """
+    if size_px < 1:
+        raise ValueError(f"size_px must be positive, got {size_px}")
+    image = image.convert("RGB")
+    side = max(image.size)
+    if image.width != image.height:
+        square = Image.new("RGB", (side, side), (BACKGROUND_RGB,) * 3)
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = square
+    if side != size_px:
+        image = image.resize((size_px, size_px), Image.Resampling.LANCZOS)
+    return np.asarray(image)
+
+
+def read_square_rgb(path: Path, size_px: int) -> np.ndarray:
+    """Read an image file as `fit_square(image, size_px)`."""
+    with Image.open(path) as image:
+        return fit_square(image, size_px)

@@ -117,9 +117,7 @@ class CellBags:
 
     def sha256(self) -> str:
         """Hash of class names, sources, labels, masks and pixels."""
-        return _digest(
-            self.labels, self.mask, self.crops, names=self.classes, sources=self.sources
-        )
+        return _digest(self.labels, self.mask, self.crops, names=self.classes, sources=self.sources)
 
     def subset(self, index: np.ndarray) -> CellBags:
         """The bags at `index`, in that order."""

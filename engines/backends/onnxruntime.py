@@ -1,5 +1,11 @@
 """ONNX Runtime backend: runs `model.onnx` with the CUDA provider where it exists, else CPU.
 
+A config of precision FP16 whose version folder also holds `model.fp16.onnx` (FP16
+weights and arithmetic, FP32 inputs and outputs, written by `train`'s export) runs that
+file on the CUDA provider; on the CPU provider it keeps `model.onnx`, since ONNX Runtime's
+CPU kernels are FP32 and an FP16 graph there only adds casts. `describe()` says which file
+runs and why.
+
 The session is tuned for throughput of large batches rather than latency of one, from
 settings read once per load:
 
@@ -47,6 +53,8 @@ _GRAPH_LEVELS = {
 }
 _WHERE = "the ONNX model"
 CUDA_PROVIDER = "CUDAExecutionProvider"
+#: The FP16 twin of `model.onnx`, run on the CUDA provider when the config's precision is FP16.
+FP16_ARTIFACT_NAME = "model.fp16.onnx"
 CPU_PROVIDER = "CPUExecutionProvider"
 
 # ONNX Runtime's names for the element types of the config's data types.
@@ -95,6 +103,7 @@ class OnnxRuntimeBackend:
         self._intra_op_num_threads = intra_op_num_threads
         self._session: Any = None
         self._artifact: Path | None = None
+        self._artifact_reason: str | None = None
         self._output_names = [spec.name for spec in config.outputs]
         self._threads_used: int | None = None
         self._inter_op_used: int | None = None
@@ -119,13 +128,15 @@ class OnnxRuntimeBackend:
             raise ModelLoadError(f"{artifact}: the ONNX model file does not exist")
         providers = self._providers(ort, device)
         options = self._session_options(ort)
-        try:
-            session = ort.InferenceSession(str(artifact), sess_options=options, providers=providers)
-        except Exception as exc:  # ONNX Runtime raises its own Exception subclasses
-            raise ModelLoadError(
-                f"{artifact}: ONNX Runtime cannot load the model ({first_line(exc)})"
-            ) from exc
+        artifact, reason = self._choose_artifact(Path(version_dir), providers[0])
+        session = self._open_session(ort, artifact, options, providers)
         used = session.get_providers()
+        if artifact.name == FP16_ARTIFACT_NAME and CUDA_PROVIDER not in used:
+            artifact = Path(version_dir) / self.artifact_name
+            reason = f"{CUDA_PROVIDER} did not start, and FP16 runs only there"
+            session = self._open_session(ort, artifact, options, [CPU_PROVIDER])
+            used = session.get_providers()
+        logger.info("%s: ONNX Runtime runs %s (%s)", self.config.name, artifact.name, reason)
         if device.kind == "cuda" and CUDA_PROVIDER not in used:
             raise BackendUnavailableError(
                 f"{artifact}: ONNX Runtime could not start {CUDA_PROVIDER} on {device} "
@@ -138,6 +149,7 @@ class OnnxRuntimeBackend:
         self._check_graph(session, artifact)
         self._session = session
         self._artifact = artifact
+        self._artifact_reason = reason
         self._device_id = device.index
         self._bind_io = CUDA_PROVIDER in used
 
@@ -145,6 +157,28 @@ class OnnxRuntimeBackend:
     def find_artifact(cls, version_dir: Path) -> Path | None:
         path = Path(version_dir) / cls.artifact_name
         return path if path.is_file() else None
+
+    def _choose_artifact(self, version_dir: Path, provider: Any) -> tuple[Path, str]:
+        """(the ONNX file to run, why) for the first provider asked for."""
+        precision = self.config.precision
+        fp16 = version_dir / FP16_ARTIFACT_NAME
+        on_cuda = provider != CPU_PROVIDER
+        if precision != "FP16":
+            return version_dir / self.artifact_name, f"precision {precision}"
+        if not on_cuda:
+            return version_dir / self.artifact_name, "precision FP16, but FP16 runs only on CUDA"
+        if not fp16.is_file():
+            return version_dir / self.artifact_name, f"precision FP16, but no {fp16.name}"
+        return fp16, f"precision FP16 on {CUDA_PROVIDER}"
+
+    @staticmethod
+    def _open_session(ort: Any, artifact: Path, options: Any, providers: list[Any]) -> Any:
+        try:
+            return ort.InferenceSession(str(artifact), sess_options=options, providers=providers)
+        except Exception as exc:  # ONNX Runtime raises its own Exception subclasses
+            raise ModelLoadError(
+                f"{artifact}: ONNX Runtime cannot load the model ({first_line(exc)})"
+            ) from exc
 
     def warmup(self) -> None:
         run_warmup(self, self._artifact)
@@ -203,6 +237,7 @@ class OnnxRuntimeBackend:
             "graph_optimization": self._graph_level,
             "io_binding": self._bind_io,
             "artifact": str(self._artifact) if self._artifact else None,
+            "artifact_reason": self._artifact_reason,
         }
 
     def _threads(self) -> int:

@@ -10,7 +10,9 @@ file lock, so worker processes starting together build once.
 Precision follows the config: FP16 (the default) lets TensorRT pick FP16 kernels, FP32
 builds plain, INT8 needs a TensorRT calibration cache (`calibration.cache`) in the version
 folder and falls back to FP16 where INT8 has no kernel. The engine has one optimisation
-profile (`tensorrt_plan.optimization_profile`).
+profile (`tensorrt_plan.optimization_profile`). `build_plan` builds and saves a plan
+without loading it, optionally with a calibrator that feeds data and writes the cache
+(`train.export.tensorrt_build` ships plans this way).
 
 `infer` may run in `config.instance_count` threads at once: each thread gets its own
 execution context, CUDA stream and device buffers, created on its first call and kept
@@ -28,7 +30,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -117,7 +119,7 @@ def _import_cudart() -> Any:
     return cudart
 
 
-def _cuda(result: tuple[Any, ...], call: str, error: type[Exception] = RuntimeError) -> Any:
+def cuda_call(result: tuple[Any, ...], call: str, error: type[Exception] = RuntimeError) -> Any:
     """The value a cuda-python call returned after its error code, raising on an error."""
     code = result[0]
     if int(code) != 0:
@@ -241,14 +243,14 @@ class _ThreadState:
     """One thread's execution context, CUDA stream, event, and device buffers by tensor."""
 
     def __init__(self, cudart: Any, engine: Any, device_index: int) -> None:
-        _cuda(cudart.cudaSetDevice(device_index), "cudaSetDevice")
+        cuda_call(cudart.cudaSetDevice(device_index), "cudaSetDevice")
         self.context = engine.create_execution_context()
         if self.context is None:
             raise RuntimeError(
                 "TensorRT could not create an execution context (out of GPU memory?)"
             )
-        self.stream = _cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self.event = _cuda(
+        self.stream = cuda_call(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.event = cuda_call(
             cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming), "cudaEventCreate"
         )
         self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
@@ -263,9 +265,9 @@ class _ThreadState:
         if nbytes <= capacity:
             return pointer
         if pointer:
-            _cuda(cudart.cudaFree(pointer), "cudaFree")
+            cuda_call(cudart.cudaFree(pointer), "cudaFree")
         capacity = max(_ALIGN_BYTES, -(-nbytes // _ALIGN_BYTES) * _ALIGN_BYTES)
-        pointer = int(_cuda(cudart.cudaMalloc(capacity), f"cudaMalloc({capacity})"))
+        pointer = int(cuda_call(cudart.cudaMalloc(capacity), f"cudaMalloc({capacity})"))
         self.buffers[name] = (pointer, capacity)
         return pointer
 
@@ -277,7 +279,7 @@ class _ThreadState:
         calls += [("cudaEventDestroy", self.event), ("cudaStreamDestroy", self.stream)]
         for call, argument in calls:
             try:
-                _cuda(getattr(cudart, call)(argument), call)
+                cuda_call(getattr(cudart, call)(argument), call)
             except RuntimeError as exc:
                 logger.debug("freeing a TensorRT execution state: %s", exc)
         self.buffers = {}
@@ -286,12 +288,16 @@ class _ThreadState:
 
 def _copy_host_to_device(cudart: Any, pointer: int, array: np.ndarray, stream: Any) -> None:
     kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-    _cuda(cudart.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes, kind, stream), "copy")
+    cuda_call(
+        cudart.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes, kind, stream), "copy"
+    )
 
 
 def _copy_device_to_host(cudart: Any, array: np.ndarray, pointer: int, stream: Any) -> None:
     kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-    _cuda(cudart.cudaMemcpyAsync(array.ctypes.data, pointer, array.nbytes, kind, stream), "copy")
+    cuda_call(
+        cudart.cudaMemcpyAsync(array.ctypes.data, pointer, array.nbytes, kind, stream), "copy"
+    )
 
 
 def _producer_stream(array: Any) -> int | None:
@@ -364,21 +370,8 @@ class TensorRTBackend:
 
     def load(self, version_dir: Path, device: Device) -> None:
         version_dir = Path(version_dir)
-        if device.kind == "cpu":
-            raise BackendUnavailableError("the tensorrt backend cannot run on the cpu")
-        trt = _import_trt()
-        cudart = _import_cudart()
-        problem = _device_problem(cudart, device.index)
-        if problem is not None:
-            raise BackendUnavailableError(f"the tensorrt backend cannot run: {problem}")
-        _cuda(cudart.cudaSetDevice(device.index), "cudaSetDevice", BackendUnavailableError)
-        major = self._attribute(cudart, "cudaDevAttrComputeCapabilityMajor", device.index)
-        minor = self._attribute(cudart, "cudaDevAttrComputeCapabilityMinor", device.index)
-        self._trt, self._cudart, self._device_index = trt, cudart, device.index
-        self._gpu_arch = gpu_arch(major, minor)
-        self._profile = optimization_profile(self.config)
-        self._runtime = trt.Runtime(_trt_logger(trt))
-        filename = plan_filename(self._gpu_arch, trt.__version__)
+        trt = self._start(device)
+        filename = plan_filename(self._gpu_arch or "", trt.__version__)
         if (version_dir / ONNX_NAME).is_file():
             engine, plan, built = self._load_or_build(version_dir, filename)
         else:
@@ -393,6 +386,56 @@ class TensorRTBackend:
             if not t.is_input and t.name not in configured
         }
         self._engine, self._plan, self._built_now = engine, plan, built
+
+    def build_plan(
+        self,
+        version_dir: Path,
+        device: Device,
+        make_calibrator: Callable[[Any, Any], Any] | None = None,
+    ) -> Path:
+        """Builds this GPU's plan from the version folder's `model.onnx` now and saves it,
+        with its build record, into the version folder (a plan already there is replaced).
+
+        `train` calls this to ship plans; `load` then finds the plan fresh. The backend is
+        not loaded afterwards: call `load` to run the plan.
+
+        Args:
+            version_dir: The version folder; it must hold `model.onnx` and be writable.
+            device: The GPU to build for (``cuda`` or ``cuda:N``).
+            make_calibrator: For an INT8 config, `(tensorrt, cudart) -> calibrator`: a
+                TensorRT INT8 calibrator that feeds data and writes `calibration.cache`
+                into `version_dir` during the build (the build record hashes the cache
+                after the build). None builds INT8 from the existing cache.
+
+        Returns:
+            The plan file, ``<version_dir>/model.<gpu>.<trt>.plan``.
+
+        Raises:
+            ValueError: `make_calibrator` is given for a config that is not INT8.
+            BackendUnavailableError: TensorRT, cuda-python or the GPU is missing.
+            ModelLoadError: `model.onnx` is missing, or TensorRT cannot parse or build it.
+        """
+        version_dir = Path(version_dir)
+        if make_calibrator is not None and self.config.precision != "INT8":
+            raise ValueError(
+                f"{self.config.name}: a calibrator is only used for precision INT8, "
+                f"but the config asks for {self.config.precision}"
+            )
+        onnx = version_dir / ONNX_NAME
+        if not onnx.is_file():
+            raise ModelLoadError(f"{onnx}: the ONNX model to build a TensorRT plan from is missing")
+        trt = self._start(device)
+        if make_calibrator is not None:
+            calibrator = make_calibrator(trt, self._cudart)
+        else:
+            calibrator = self._cache_calibrator(version_dir)
+        plan = version_dir / plan_filename(self._gpu_arch or "", trt.__version__)
+        with file_lock(version_dir / f".{plan.name}.lock"):
+            serialized = self._build(onnx, calibrator)
+            # Only now: a data calibrator writes calibration.cache during the build.
+            self._save(plan, serialized, self._build_key(version_dir))
+        self._runtime = None
+        return plan
 
     def warmup(self) -> None:
         run_warmup(self, self._plan)
@@ -409,7 +452,7 @@ class TensorRTBackend:
             raise ModelLoadError(f"{self.config.name}: the tensorrt backend is not loaded")
         cudart = self._cudart
         state = self._thread_state()
-        _cuda(cudart.cudaSetDevice(self._device_index), "cudaSetDevice")
+        cuda_call(cudart.cudaSetDevice(self._device_index), "cudaSetDevice")
         for spec in self.config.inputs:
             self._bind_input(state, spec, inputs[spec.name])
         outputs = self._bind_outputs(state)
@@ -419,7 +462,7 @@ class TensorRTBackend:
             )
         for name, array in outputs.items():
             _copy_device_to_host(cudart, array, state.buffers[name][0], state.stream)
-        _cuda(cudart.cudaStreamSynchronize(state.stream), "cudaStreamSynchronize")
+        cuda_call(cudart.cudaStreamSynchronize(state.stream), "cudaStreamSynchronize")
         return outputs
 
     def close(self) -> None:
@@ -446,11 +489,48 @@ class TensorRTBackend:
 
     # --- load helpers ---
 
+    def _start(self, device: Device) -> Any:
+        """Imports the runtimes, selects the GPU, reads its architecture; returns tensorrt."""
+        if device.kind == "cpu":
+            raise BackendUnavailableError("the tensorrt backend cannot run on the cpu")
+        trt = _import_trt()
+        cudart = _import_cudart()
+        problem = _device_problem(cudart, device.index)
+        if problem is not None:
+            raise BackendUnavailableError(f"the tensorrt backend cannot run: {problem}")
+        cuda_call(cudart.cudaSetDevice(device.index), "cudaSetDevice", BackendUnavailableError)
+        major = self._attribute(cudart, "cudaDevAttrComputeCapabilityMajor", device.index)
+        minor = self._attribute(cudart, "cudaDevAttrComputeCapabilityMinor", device.index)
+        self._trt, self._cudart, self._device_index = trt, cudart, device.index
+        self._gpu_arch = gpu_arch(major, minor)
+        self._profile = optimization_profile(self.config)
+        self._runtime = trt.Runtime(_trt_logger(trt))
+        return trt
+
+    def _build_key(self, version_dir: Path) -> dict[str, Any]:
+        """What a plan of this version folder, config, TensorRT and GPU is built from."""
+        calibration = int8_calibration_cache(version_dir, self.config.precision)
+        return build_key(
+            onnx_sha256=file_sha256(version_dir / ONNX_NAME),
+            precision=self.config.precision,
+            profile=self._profile,
+            tensorrt_version=self._trt.__version__,
+            gpu_arch=self._gpu_arch or "",
+            calibration_sha256=file_sha256(calibration) if calibration else None,
+        )
+
+    def _cache_calibrator(self, version_dir: Path) -> Any:
+        """A calibrator handing TensorRT `calibration.cache` for INT8, else None."""
+        calibration = int8_calibration_cache(version_dir, self.config.precision)
+        if calibration is None:
+            return None
+        return _cache_calibrator(self._trt, calibration.read_bytes())
+
     @staticmethod
     def _attribute(cudart: Any, name: str, index: int) -> int:
         attribute = getattr(cudart.cudaDeviceAttr, name)
         result = cudart.cudaDeviceGetAttribute(attribute, index)
-        return int(_cuda(result, "cudaDeviceGetAttribute", BackendUnavailableError))
+        return int(cuda_call(result, "cudaDeviceGetAttribute", BackendUnavailableError))
 
     def _load_prebuilt(self, plan: Path) -> Any:
         """The engine of `plan` (for this GPU and TensorRT) where there is no model.onnx."""
@@ -478,15 +558,7 @@ class TensorRTBackend:
         """The fresh plan of the version folder or cache, else one built now and saved."""
         trt = self._trt
         onnx = version_dir / ONNX_NAME
-        calibration = int8_calibration_cache(version_dir, self.config.precision)
-        key = build_key(
-            onnx_sha256=file_sha256(onnx),
-            precision=self.config.precision,
-            profile=self._profile,
-            tensorrt_version=trt.__version__,
-            gpu_arch=self._gpu_arch or "",
-            calibration_sha256=file_sha256(calibration) if calibration else None,
-        )
+        key = self._build_key(version_dir)
         cache_dir = plan_cache_dir(version_dir, self._cache_root or user_cache_root())
         candidates = [version_dir / filename, cache_dir / filename]
         found = self._first_fresh(candidates, key, log=True)
@@ -500,7 +572,7 @@ class TensorRTBackend:
             found = self._first_fresh(candidates, key, log=False)  # built while we waited?
             if found is not None:
                 return (*found, False)
-            serialized = self._build(onnx, calibration)
+            serialized = self._build(onnx, self._cache_calibrator(version_dir))
             plan = onnx  # where it cannot be saved, the plan is the ONNX model's, in memory
             if target_dir is not None:
                 plan = target_dir / filename
@@ -572,8 +644,9 @@ class TensorRTBackend:
         write_atomically(build_record_path(plan), json.dumps(record, indent=2).encode())
         logger.info("%s: saved TensorRT plan %s", self.config.name, plan)
 
-    def _build(self, onnx: Path, calibration: Path | None) -> memoryview:
-        """Parses `onnx` and builds a serialized engine for this GPU and the config."""
+    def _build(self, onnx: Path, calibrator: Any) -> memoryview:
+        """Parses `onnx` and builds a serialized engine for this GPU and the config, with
+        `calibrator` (an INT8 calibrator, or None) setting INT8 scales."""
         trt = self._trt
         logger.info(
             "%s: building a %s TensorRT plan for %s from %s (this takes a while)",
@@ -593,10 +666,10 @@ class TensorRTBackend:
                 f"{onnx}: TensorRT cannot parse the ONNX model ({errors[0] if errors else '?'})"
             )
         check_io(self.config, _network_infos(network), onnx, "the ONNX model")
-        build_config = self._builder_config(builder, network, calibration)
+        build_config = self._builder_config(builder, network, calibrator)
         serialized = builder.build_serialized_network(network, build_config)
         if serialized is None:
-            what = f"and {calibration} " if calibration else ""
+            what = "and its INT8 calibration " if calibrator is not None else ""
             raise ModelLoadError(
                 f"{onnx}: TensorRT could not build a {self.config.precision} engine from it "
                 f"{what}for {self._gpu_arch} ({_last_error(trt)})"
@@ -606,7 +679,7 @@ class TensorRTBackend:
         )
         return memoryview(serialized)
 
-    def _builder_config(self, builder: Any, network: Any, calibration: Path | None) -> Any:
+    def _builder_config(self, builder: Any, network: Any, calibrator: Any) -> Any:
         trt = self._trt
         build_config = builder.create_builder_config()
         build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
@@ -615,9 +688,9 @@ class TensorRTBackend:
         profile = self._trt_profile(builder, network)
         if profile is not None:
             build_config.add_optimization_profile(profile)
-        if calibration is not None:
+        if calibrator is not None:
             build_config.set_flag(trt.BuilderFlag.INT8)
-            build_config.int8_calibrator = _cache_calibrator(trt, calibration.read_bytes())
+            build_config.int8_calibrator = calibrator
             if profile is not None:
                 build_config.set_calibration_profile(profile)
         return build_config
@@ -676,8 +749,8 @@ class TensorRTBackend:
         if producer is None:
             return  # no stream given: written already, or on the legacy default stream
         cudart = self._cudart
-        _cuda(cudart.cudaEventRecord(state.event, producer), "cudaEventRecord")
-        _cuda(cudart.cudaStreamWaitEvent(state.stream, state.event, 0), "cudaStreamWaitEvent")
+        cuda_call(cudart.cudaEventRecord(state.event, producer), "cudaEventRecord")
+        cuda_call(cudart.cudaStreamWaitEvent(state.stream, state.event, 0), "cudaStreamWaitEvent")
 
     def _bind_outputs(self, state: _ThreadState) -> dict[str, np.ndarray]:
         """Sets every output's address; returns host arrays for the configured ones."""

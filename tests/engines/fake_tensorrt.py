@@ -23,7 +23,14 @@ import onnx
 import onnxruntime as ort
 
 _ONNX_TYPES = {1: "FLOAT", 10: "HALF", 7: "INT64", 6: "INT32", 2: "UINT8", 9: "BOOL"}
-_NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32}
+_NUMPY = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "UINT8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 class DataType(enum.Enum):
@@ -117,6 +124,9 @@ class FakeCudart:
             ctypes.memmove(dst, bytes(self.read(src, n)), n)
         return (0,)
 
+    def cudaMemcpy(self, dst: int, src: int, n: int, kind: Any) -> tuple[int]:  # noqa: N802
+        return self.cudaMemcpyAsync(dst, src, n, kind, 0)
+
     def _block(self, pointer: int) -> tuple[bytearray, int]:
         for base, block in self.memory.items():
             if base <= pointer < base + max(len(block), 1):
@@ -154,6 +164,8 @@ def fake_tensorrt(cudart: FakeCudart, version: str = "10.3.0") -> types.ModuleTy
     trt.__version__ = version  # type: ignore[attr-defined]
     trt.DataType = DataType  # type: ignore[attr-defined]
     trt.builds = []  # type: ignore[attr-defined]
+    # Every INT8 calibration batch the builder took from a calibrator, {input: array}.
+    trt.calibration_batches = []  # type: ignore[attr-defined]
 
     class ILogger:
         INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
@@ -205,6 +217,7 @@ def fake_tensorrt(cudart: FakeCudart, version: str = "10.3.0") -> types.ModuleTy
             self.flags: set[str] = set()
             self.profiles: list[Profile] = []
             self.int8_calibrator: Any = None
+            self.calibration_profile: Profile | None = None
 
         def set_memory_pool_limit(self, pool: Any, size: int) -> None:
             assert pool == "WORKSPACE" and size > 0
@@ -218,6 +231,7 @@ def fake_tensorrt(cudart: FakeCudart, version: str = "10.3.0") -> types.ModuleTy
 
         def set_calibration_profile(self, profile: Profile) -> None:
             assert profile in self.profiles
+            self.calibration_profile = profile
 
     class Builder:
         def __init__(self, logger: ILogger) -> None:
@@ -235,11 +249,38 @@ def fake_tensorrt(cudart: FakeCudart, version: str = "10.3.0") -> types.ModuleTy
 
         def build_serialized_network(self, network: Network, config: BuilderConfig) -> bytes:
             if "INT8" in config.flags:
-                assert config.int8_calibrator.read_calibration_cache()
+                calibrator = config.int8_calibrator
+                if not calibrator.read_calibration_cache():
+                    calibrator.write_calibration_cache(_calibrate(network, config))
+                assert calibrator.read_calibration_cache() or trt.calibration_batches
             profile = config.profiles[0].shapes if config.profiles else {}
             trt.builds.append(sorted(config.flags))  # type: ignore[attr-defined]
             plan = {"onnx": network.onnx, "profile": profile, "flags": sorted(config.flags)}
             return json.dumps(plan).encode()
+
+    def _calibrate(network: Network, config: BuilderConfig) -> bytes:
+        """TensorRT's calibration: batches at the calibration profile's opt shape, read
+        from the device pointers `get_batch` returns, until it returns None or []."""
+        calibrator = config.int8_calibrator
+        assert config.calibration_profile is not None, "dynamic shapes need a calibration profile"
+        shapes = {name: opt for name, (_, opt, _) in config.calibration_profile.shapes.items()}
+        names = [t.name for t in network.inputs]
+        batch_size = calibrator.get_batch_size()
+        peaks: dict[str, float] = {}
+        while pointers := calibrator.get_batch(names):
+            assert len(pointers) == len(names)
+            batch = {}
+            for tensor, pointer in zip(network.inputs, pointers, strict=True):
+                shape = shapes[tensor.name]
+                assert shape[0] == batch_size, "a calibration batch is not get_batch_size() long"
+                dtype = np.dtype(_NUMPY[tensor.dtype.name])
+                data = cudart.read(int(pointer), int(np.prod(shape)) * dtype.itemsize)
+                batch[tensor.name] = np.frombuffer(bytes(data), dtype).reshape(shape).copy()
+                peak = float(np.abs(batch[tensor.name]).max())
+                peaks[tensor.name] = max(peaks.get(tensor.name, 0.0), peak)
+            trt.calibration_batches.append(batch)  # type: ignore[attr-defined]
+        assert trt.calibration_batches, "INT8 calibration got no batch"  # type: ignore[attr-defined]
+        return b"TRT-100-EntropyCalibration2\n" + json.dumps(peaks).encode()
 
     class Context:
         def __init__(self, engine: Engine) -> None:

@@ -18,11 +18,11 @@ CLASSIFIER_PREFERRED_BATCH_SIZES = (32, 64, 128)
 CLASSIFIER_MAX_QUEUE_DELAY_MS = 2
 
 
-def _execution(max_batch_size: int) -> dict[str, Any]:
-    """One instance, FP16 engines, warm-up on zeros at batch 1 and `max_batch_size`."""
+def _execution(max_batch_size: int, precision: str = "FP16") -> dict[str, Any]:
+    """One instance, `precision` engines, warm-up on zeros at batch 1 and `max_batch_size`."""
     return {
         "instance_count": 1,
-        "precision": "FP16",
+        "precision": precision,
         "warmup": {"batch_sizes": [1, max_batch_size], "data": "zero"},
     }
 
@@ -69,10 +69,14 @@ def classifier_config(
     mean: tuple[float, ...] = CLASSIFIER_MEAN,
     std: tuple[float, ...] = CLASSIFIER_STD,
     max_batch_size: int = 256,
+    *,
+    name: str = "cell_classifier",
+    precision: str = "FP16",
 ) -> dict[str, Any]:
-    """`cell_classifier`: `crops` -> `probs` (softmax) and `features`."""
+    """A cell classifier (`cell_classifier` by default): `crops` -> `probs` (softmax) and
+    `features`; `precision` is what TensorRT builds (and ONNX Runtime runs on CUDA)."""
     return {
-        "name": "cell_classifier",
+        "name": name,
         "backend": list(BACKEND_PREFERENCE),
         "max_batch_size": max_batch_size,
         "version_policy": {"latest": 1},
@@ -80,7 +84,7 @@ def classifier_config(
             "preferred_batch_size": list(CLASSIFIER_PREFERRED_BATCH_SIZES),
             "max_queue_delay_ms": CLASSIFIER_MAX_QUEUE_DELAY_MS,
         },
-        **_execution(max_batch_size),
+        **_execution(max_batch_size, precision),
         "input": [{"name": "crops", "data_type": "TYPE_FP32", "dims": [3, input_px, input_px]}],
         "output": [
             {"name": "probs", "data_type": "TYPE_FP32", "dims": [len(labels)]},
@@ -112,6 +116,41 @@ def roi_config(labels: list[str], feature_dim: int, max_batch_size: int = 16) ->
         ],
         "output": [
             {"name": "roi_probs", "data_type": "TYPE_FP32", "dims": [len(labels)]},
+            {"name": "attention", "data_type": "TYPE_FP32", "dims": [-1]},
+        ],
+        "labels": list(labels),
+    }
+
+
+def global_local_config(
+    input_px: int,
+    labels: list[str],
+    cell_classes: int,
+    max_batch_size: int = 16,
+    *,
+    name: str = "roi_classifier",
+    precision: str = "FP16",
+) -> dict[str, Any]:
+    """The global-local ROI network on cell crops: (`cells` [N, 3, S, S] normalised crops,
+    `mask` [N] 1.0 on real cells, 0.0 on padding) -> `roi_probs`, `cell_probs` [N, cell_classes] and
+    `attention` [N] (cross-attention score per cell). N, the cells per ROI, is dynamic.
+
+    Its input is not one image, so the config has no `preprocessing` block: the crops'
+    size, mean and std are in the model card.
+    """
+    return {
+        "name": name,
+        "backend": list(BACKEND_PREFERENCE),
+        "max_batch_size": max_batch_size,
+        "version_policy": {"latest": 1},
+        **_execution(max_batch_size, precision),
+        "input": [
+            {"name": "cells", "data_type": "TYPE_FP32", "dims": [-1, 3, input_px, input_px]},
+            {"name": "mask", "data_type": "TYPE_FP32", "dims": [-1]},
+        ],
+        "output": [
+            {"name": "roi_probs", "data_type": "TYPE_FP32", "dims": [len(labels)]},
+            {"name": "cell_probs", "data_type": "TYPE_FP32", "dims": [-1, cell_classes]},
             {"name": "attention", "data_type": "TYPE_FP32", "dims": [-1]},
         ],
         "labels": list(labels),

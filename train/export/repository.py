@@ -15,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -110,13 +111,16 @@ def write_model_version(
     version: int = 1,
     pt2_path: Path | None = None,
     pt2_checks: dict[str, Any] | None = None,
+    extra_artifacts: Mapping[str, Path] | None = None,
 ) -> Path:
     """Write `config.yaml`, copy the ONNX file to `<version>/model.onnx`, write `card.json`.
 
     The card is completed with the model name and version, sha256 and size of `model.onnx`,
     its opset, software versions, date (UTC) and git commit; with `pt2_path`, the exported
     PyTorch program is copied to `<version>/model.pt2` and the card's `pytorch_artifact`
-    gives its sha256, size and `pt2_checks`. An existing version folder is replaced.
+    gives its sha256, size and `pt2_checks`; each of `extra_artifacts` is copied under its
+    file name and listed in the card's `extra_artifacts` with its sha256 and size. An
+    existing version folder is replaced.
 
     Args:
         repo: The model repository folder.
@@ -127,6 +131,8 @@ def write_model_version(
         pt2_path: The exported PyTorch program (`torch.export.save`), or None.
         pt2_checks: What the program was checked against (e.g. its max abs difference
             from ONNX Runtime), recorded beside its hash.
+        extra_artifacts: File name in the version folder -> file to copy there (e.g.
+            ``{"model.fp16.onnx": path}``).
 
     Returns:
         The version folder.
@@ -153,6 +159,7 @@ def write_model_version(
             "onnx_opset": onnx_opset(target),
         },
         **_pytorch_artifact(version_dir, pt2_path, pt2_checks),
+        **_extra_artifacts(version_dir, extra_artifacts or {}),
         "software": software_versions(),
         "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "git_commit": git_commit(),
@@ -183,6 +190,18 @@ def _pytorch_artifact(
             **(checks or {}),
         }
     }
+
+
+def _extra_artifacts(version_dir: Path, artifacts: Mapping[str, Path]) -> dict[str, Any]:
+    """Copy each file under its name; {"extra_artifacts": {name: {sha256, bytes}}}, or {}."""
+    listed = {}
+    for file_name, source in artifacts.items():
+        if Path(file_name).name != file_name or file_name in ("model.onnx", "card.json"):
+            raise ValueError(f"extra artifact name {file_name!r} must be a new plain file name")
+        target = version_dir / file_name
+        shutil.copyfile(source, target)
+        listed[file_name] = {"sha256": sha256_of(target), "bytes": target.stat().st_size}
+    return {"extra_artifacts": listed} if listed else {}
 
 
 def _json_default(value: Any) -> Any:

@@ -293,9 +293,19 @@ class GlobalLocalNet(nn.Module):
         """
         batch, slots = mask.shape
         real = torch.nonzero(mask.reshape(-1)).squeeze(1)
-        maps = self.backbone(cells.flatten(0, 1).index_select(0, real))
-        pooled = _scatter_rows(maps.mean(dim=(2, 3)), real, batch * slots)
-        local = _scatter_rows(self.local_branch(maps), real, batch * slots)
+        crops = cells.flatten(0, 1).index_select(0, real)
+        if not self.training:
+            # A batch without a real cell would reach the CNN as an empty batch, which the
+            # exported graph's reshapes cannot take (-1 over zero elements): in inference a
+            # blank crop always rides along and is dropped after. Training keeps it out of
+            # batch-norm statistics.
+            crops = torch.cat([crops, crops.new_zeros((1, *crops.shape[1:]))])
+        maps = self.backbone(crops)
+        pooled, local = maps.mean(dim=(2, 3)), self.local_branch(maps)
+        if not self.training:
+            pooled, local = pooled[:-1], local[:-1]
+        pooled = _scatter_rows(pooled, real, batch * slots)
+        local = _scatter_rows(local, real, batch * slots)
         return pooled.reshape(batch, slots, -1), local.reshape(batch, slots, -1)
 
     def forward_features(

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from worker.cli_common import DbOption, ModelsOption, fails_in_one_sentence, repository
+from worker.cli_common import DbOption, ModelsOption, fail, fails_in_one_sentence, repository
 
 app = typer.Typer(
     name="papscan",
@@ -94,13 +94,20 @@ def scan(
         print_report(report)
 
 
+class PlanPrecision(StrEnum):
+    fp16 = "fp16"
+    int8 = "int8"
+
+
 @app.command()
 @fails_in_one_sentence
 def export(
-    slide_or_scan: Annotated[
+    target: Annotated[
         str,
         typer.Argument(
-            help="A scan id, or a slide path or fingerprint (its latest finished scan)."
+            help="A scan id, or a slide path or fingerprint (its latest finished scan); "
+            "with --repository, a training run folder.",
+            metavar="SCAN|SLIDE|RUN",
         ),
     ],
     fmt: Annotated[
@@ -111,17 +118,57 @@ def export(
         Path | None, typer.Option("--out", "-o", help="File to write [default: stdout].")
     ] = None,
     db: DbOption = None,
+    model_repository: Annotated[
+        Path | None,
+        typer.Option(
+            "--repository",
+            help="Write the training run TARGET into this model repository as a new version.",
+        ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Model name [default: cell_classifier or roi_classifier]."),
+    ] = None,
+    version: Annotated[
+        int | None, typer.Option(help="Version number [default: the next free one].")
+    ] = None,
+    fp16: Annotated[
+        bool, typer.Option("--fp16/--no-fp16", help="Also write model.fp16.onnx.")
+    ] = True,
+    tensorrt: Annotated[
+        PlanPrecision | None,
+        typer.Option(help="Also build a TensorRT plan here (needs TensorRT and a GPU)."),
+    ] = None,
 ) -> None:
-    """Write every cell of a scan, in level-0 pixels, for other tools."""
+    """Write a scan's cells for other tools, or a trained model into a model repository."""
+    if model_repository is not None:
+        if output is not None:
+            fail("--out writes cells of a scan; a model goes to --repository alone.")
+        from train.export.run_export import export_run
+
+        try:
+            report = export_run(
+                Path(target),
+                model_repository,
+                name=name,
+                version=version,
+                fp16=fp16,
+                tensorrt=tensorrt.value if tensorrt else None,
+            )
+        except (ValueError, FileNotFoundError) as exc:  # a bad run folder or argument
+            fail(str(exc))
+        for line in report.summary_lines():
+            typer.echo(line)
+        return
     from worker.export import write_cells
 
     database = _database(db)
     with database.session() as s:
         if output is None:
-            write_cells(s, slide_or_scan, fmt.value, sys.stdout)
+            write_cells(s, target, fmt.value, sys.stdout)
         else:
             with output.open("w", newline="") as f:
-                write_cells(s, slide_or_scan, fmt.value, f)
+                write_cells(s, target, fmt.value, f)
 
 
 @app.command()
@@ -184,10 +231,11 @@ def demo(
     )
 
 
-from train.cli import train_app  # noqa: E402  (composition root: mounted after the app exists)
+from train.cli import evaluate_command, train_app  # noqa: E402  (composition root: mounted after the app exists)
 from worker.models_cli import models_app  # noqa: E402
 
 app.add_typer(train_app, name="train", help="Train models and write a model repository.")
+app.command("evaluate")(evaluate_command)
 app.add_typer(
     models_app, name="models", help="Inspect, verify, warm up and time a model repository."
 )

@@ -8,7 +8,6 @@ The run's data set is a class-folder set written to `tmp_path`, opened by its pa
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -217,6 +216,23 @@ def test_bad_arguments_and_incomplete_runs(run_dir: Path, tmp_path: Path) -> Non
         export_run(tmp_path, tmp_path / "repo")
 
 
+def test_cli_exports_a_run_and_refuses_a_bad_one_in_one_sentence(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    runner = CliRunner()
+    done = runner.invoke(app, ["export", str(run_dir), "--repository", str(tmp_path / "repo")])
+    assert done.exit_code == 0, done.output
+    assert "cell_classifier@1" in done.output
+    assert (tmp_path / "repo" / "cell_classifier" / "1" / FP16_ARTIFACT_NAME).is_file()
+    bad = runner.invoke(app, ["export", str(tmp_path), "--repository", str(tmp_path / "r2")])
+    assert bad.exit_code == 1 and "has no run.json" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
+
+
 def test_another_interface_under_the_same_name_is_refused(run_dir: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     export_run(run_dir, repo, name="cells", fp16=False)
@@ -313,14 +329,8 @@ def test_calibration_batches_follow_the_profile(tmp_path: Path) -> None:
         calibration_batches({"images": items}, config)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("train.models.global_local") is None,
-    reason="train.models.global_local is not written yet",
-)
 def test_rois_export_runs_through_engines(tmp_path: Path) -> None:
     kwargs = {"backbone": "resnet18", "embed_dim": 32, "attn_dim": 32, "depth": 1, "num_heads": 2}
-    import train.models.global_local  # noqa: F401  (registers global_local_roi)
-
     torch.manual_seed(0)
     model = create_model("global_local_roi", num_classes=3, **kwargs).eval()
     run = tmp_path / "run"

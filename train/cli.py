@@ -318,6 +318,13 @@ def rois(
     backbone: Annotated[
         str, typer.Option("--backbone", help="Cell CNN of global_local_roi: resnet50 or resnet18.")
     ] = "resnet50",
+    embed_dim: Annotated[
+        int, typer.Option("--embed-dim", help="Token width D of the local ViT (paper: 768).")
+    ] = 768,
+    attn_dim: Annotated[
+        int,
+        typer.Option("--attn-dim", help="ROI feature and cross-attention width d (paper: 1024)."),
+    ] = 1024,
     cells_per_roi: Annotated[
         int, typer.Option("--cells-per-roi", help="Detected cells kept per ROI.")
     ] = 32,
@@ -356,7 +363,7 @@ def rois(
         else:
             preset = _protocol_for(protocol, "002", "rois", **overrides)
             arch_name, spec = arch or preset.default_arch, data or preset.default_data
-            arch_kwargs = {"backbone": backbone}
+            arch_kwargs = {"backbone": backbone, "embed_dim": embed_dim, "attn_dim": attn_dim}
             run_dir = out or Path("runs") / auto_run_name(
                 "rois", arch_name, spec, preset.name, seed
             )

@@ -13,13 +13,13 @@ models: sizes in bytes, test accuracy of each file and how often they agree. It 
 the run's data set (`train.data.catalog.open_image_set(run.json's dataset, input_px)`),
 checks it is the data the run trained on (`data_sha256`), and takes the exported fold's
 test indices from `splits.json`; where that cannot be done, the card records the sizes
-and says why.
+and says why. A ``rois`` run's test ROIs are its bags of detected cells, re-opened through
+`train.loops.rois.open_cell_bags` (from the bag cache; without it the detector runs again).
 
 Run folder layout: see `train.runs`. Task ``cells`` exports a cell classifier
 (`crops` -> `probs`, `features`, as the shipped `cell_classifier`); task ``rois`` exports
 the global-local ROI network through `train.models.global_local.GlobalLocalExport`
-(`cells`, `mask` -> `roi_probs`, `cell_probs`, `attention`), whose data checks are not
-run (its bags come from a detector run, not from `open_image_set`).
+(`cells`, `mask` -> `roi_probs`, `cell_probs`, `attention`).
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ DEFAULT_NAMES = {"cells": "cell_classifier", "rois": "roi_classifier"}
 DEFAULT_CELL_MPP = 0.5
 TENSORRT_PRECISIONS = {"fp16": "FP16", "int8": "INT8"}
 _CHECK_ITEMS = 64
+_CHECK_BAGS = 8
 _EVAL_BATCH = 64
 
 
@@ -252,6 +253,7 @@ def export_run(
     *,
     device: str = "cuda",
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    cache_dir: Path = Path("runs/cache"),
 ) -> ExportReport:
     """Writes a trained run as a new version of a model in `repository`.
 
@@ -268,6 +270,7 @@ def export_run(
             (INT8 calibrated on `calibration_images` of the run's training images), or None.
         device: The GPU TensorRT builds on.
         calibration_images: Training images the INT8 calibration reads at most.
+        cache_dir: The cache of detected cell bags (task rois).
 
     Returns:
         What was written and measured.
@@ -298,19 +301,23 @@ def export_run(
         # Registers the global-local builders where `train.models` does not import them.
         import train.models.global_local  # noqa: F401
     model, checkpoint = _load_model(run_dir, run)
-    images, data_note = _open_images(run) if task == "cells" else (None, _ROI_DATA_NOTE)
     splits = _read_json(run_dir / SPLITS_JSON) if (run_dir / SPLITS_JSON).is_file() else None
     fold = int((splits or {}).get("exported_fold", checkpoint.get("fold", 0)))
-    test = _split_items(images, splits, fold, "test") if images is not None else None
-    if images is not None and test is None:
+    images = None
+    if task == "cells":
+        images, data_note = _open_images(run)
+        held_out = _image_held_out(images, splits, fold, run) if images is not None else None
+    else:
+        held_out, data_note = _bag_held_out(run, splits, fold, cache_dir)
+    if held_out is None and data_note is None:
         data_note = f"{SPLITS_JSON} has no test split for fold {fold}"
 
     with tempfile.TemporaryDirectory(prefix="papscan-export-") as tmp:
         work = Path(tmp)
         if task == "cells":
-            exported = _export_classifier(model, run, name, precision, work, test)
+            exported = _export_classifier(model, run, name, precision, work, held_out)
         else:
-            exported = _export_global_local(model, run, name, precision, work)
+            exported = _export_global_local(model, run, name, precision, work, held_out)
         diff = max_abs_diff_vs_torch(exported.wrapper, exported.onnx_path, exported.check_inputs)
         if diff > ONNX_TOLERANCE:
             raise ValueError(
@@ -321,7 +328,7 @@ def export_run(
         if fp16:
             fp16_path = _write_fp16(exported.onnx_path, work / FP16_ARTIFACT_NAME)
             extra[FP16_ARTIFACT_NAME] = fp16_path
-            comparison = _compare_fp16(exported, fp16_path, run, test, fold, data_note)
+            comparison = _compare_fp16(exported, fp16_path, held_out, data_note)
         version = version or _next_version(repository / name)
         _check_same_interface(repository / name, exported.config, version)
         card = _card(run, run_dir, checkpoint, fold, exported, diff, comparison)
@@ -362,10 +369,17 @@ def export_run(
 
 # --- the run folder ---------------------------------------------------------------------------
 
-_ROI_DATA_NOTE = (
-    "task rois: the ROI bags come from a detector run, not from open_image_set, so the "
-    "export checks use seeded random bags only"
-)
+
+@dataclass(frozen=True)
+class _HeldOut:
+    """The exported fold's test items as the ONNX file's inputs, with their labels."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray
+    split: str
+
+    def head(self, n: int) -> dict[str, np.ndarray]:
+        return {k: v[:n] for k, v in self.inputs.items()}
 
 
 def _read_json(path: Path) -> Any:
@@ -429,13 +443,55 @@ def _open_images(run: dict[str, Any]) -> tuple[ImageSet | None, str | None]:
     return images, None
 
 
-def _split_items(
-    images: ImageSet, splits: dict[str, Any] | None, fold: int, part: str
-) -> ImageSet | None:
+def _split_index(splits: dict[str, Any] | None, fold: int, part: str) -> np.ndarray | None:
     folds = (splits or {}).get("folds", [])
     if fold >= len(folds) or not folds[fold].get(part):
         return None
-    return images.subset(np.asarray(folds[fold][part], np.int64))
+    return np.asarray(folds[fold][part], np.int64)
+
+
+def _image_held_out(
+    images: ImageSet, splits: dict[str, Any] | None, fold: int, run: dict[str, Any]
+) -> _HeldOut | None:
+    test = _split_items(images, splits, fold, "test")
+    if test is None:
+        return None
+    split = f"test split of fold {fold} ({len(test)} items)"
+    return _HeldOut({"crops": _normalised(test, run)}, test.labels, split)
+
+
+def _bag_held_out(
+    run: dict[str, Any], splits: dict[str, Any] | None, fold: int, cache_dir: Path
+) -> tuple[_HeldOut | None, str | None]:
+    """The test ROIs of a rois run as (cells, mask) inputs, or (None, why not)."""
+    missing = [k for k in ("dataset", "cells_per_roi", "crop_px") if k not in run]
+    if missing:
+        return None, f"{RUN_JSON} names no {', '.join(missing)}"
+    index = _split_index(splits, fold, "test")
+    if index is None:
+        return None, f"{SPLITS_JSON} has no test split for fold {fold}"
+    from train.loops.rois import BagLearner, open_cell_bags
+
+    spec = run["dataset"]
+    try:
+        bags, _ = open_cell_bags(
+            spec, int(run["cells_per_roi"]), int(run["crop_px"]), cache_dir=cache_dir
+        )
+    except (OSError, ValueError) as exc:
+        return None, f"the ROI bags of {spec!r} cannot be opened here ({exc})"
+    if run.get("data_sha256") and bags.sha256() != run["data_sha256"]:
+        return None, f"the ROI bags of {spec!r} here differ from the ones the run trained on"
+    cells, mask = BagLearner(bags, None, int(run["input_px"]), torch.device("cpu")).inputs(index)
+    inputs = {"cells": cells.numpy(), "mask": mask.numpy().astype(np.float32)}
+    split = f"test split of fold {fold} ({len(index)} ROIs)"
+    return _HeldOut(inputs, bags.labels[index], split), None
+
+
+def _split_items(
+    images: ImageSet, splits: dict[str, Any] | None, fold: int, part: str
+) -> ImageSet | None:
+    index = _split_index(splits, fold, part)
+    return None if index is None else images.subset(index)
 
 
 def _normalised(images: ImageSet, run: dict[str, Any]) -> np.ndarray:
@@ -451,11 +507,11 @@ def _export_classifier(
     name: str,
     precision: str,
     work: Path,
-    test: ImageSet | None,
+    held_out: _HeldOut | None,
 ) -> _Exported:
     size = int(run["input_px"])
-    if test is not None:
-        sample = _normalised(test.subset(np.arange(min(len(test), _CHECK_ITEMS))), run)
+    if held_out is not None:
+        sample = held_out.head(_CHECK_ITEMS)["crops"]
         source = "test images"
     else:
         rng = np.random.default_rng(0)
@@ -508,14 +564,24 @@ def _export_classifier(
 
 
 def _export_global_local(
-    model: nn.Module, run: dict[str, Any], name: str, precision: str, work: Path
+    model: nn.Module,
+    run: dict[str, Any],
+    name: str,
+    precision: str,
+    work: Path,
+    held_out: _HeldOut | None,
 ) -> _Exported:
     from train.models.global_local import GlobalLocalExport
 
     size = int(run["input_px"])
-    rng = np.random.default_rng(0)
-    cells = rng.standard_normal((2, 5, 3, size, size)).astype(np.float32)
-    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.float32)
+    if held_out is not None:
+        check = held_out.head(_CHECK_BAGS)
+        cells, mask, source = check["cells"], check["mask"], "test ROIs"
+    else:
+        rng = np.random.default_rng(0)
+        cells = rng.standard_normal((2, 5, 3, size, size)).astype(np.float32)
+        mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.float32)
+        source = "seeded random bags"
     wrapper = GlobalLocalExport(model).eval()
     outputs = ["roi_probs", "cell_probs", "attention"]
     dynamic = {"cells": {0: "batch", 1: "cells"}, "mask": {0: "batch", 1: "cells"}}
@@ -542,7 +608,7 @@ def _export_global_local(
         config,
         outputs,
         {"cells": cells, "mask": mask},
-        "seeded random bags",
+        source,
         architecture,
     )
 
@@ -572,31 +638,23 @@ def _run(path: Path, inputs: Mapping[str, np.ndarray], names: list[str]) -> dict
 
 
 def _compare_fp16(
-    exported: _Exported,
-    fp16_path: Path,
-    run: dict[str, Any],
-    test: ImageSet | None,
-    fold: int,
-    data_note: str | None,
+    exported: _Exported, fp16_path: Path, held_out: _HeldOut | None, data_note: str | None
 ) -> Fp16Comparison:
     names = exported.output_names
     sizes = exported.onnx_path.stat().st_size, fp16_path.stat().st_size
-    if test is None:
-        inputs = exported.check_inputs
-        fp32, half = _run(exported.onnx_path, inputs, names), _run(fp16_path, inputs, names)
-        diffs = {n: _max_diff(fp32[n], half[n]) for n in names}
-        note = data_note or "no test split"
-        return Fp16Comparison(*sizes, 0, None, None, None, None, diffs, note)
-    inputs = {"crops": _normalised(test, run)}
+    inputs = exported.check_inputs if held_out is None else held_out.inputs
     fp32, half = _run(exported.onnx_path, inputs, names), _run(fp16_path, inputs, names)
     diffs = {n: _max_diff(fp32[n], half[n]) for n in names}
-    pred32, pred16 = fp32["probs"].argmax(1), half["probs"].argmax(1)
+    if held_out is None:
+        return Fp16Comparison(*sizes, 0, None, None, None, None, diffs, data_note)
+    probs = names[0]  # `probs` of a cell classifier, `roi_probs` of the ROI network
+    pred32, pred16 = fp32[probs].argmax(1), half[probs].argmax(1)
     return Fp16Comparison(
         *sizes,
-        items=len(test),
-        split=f"test split of fold {fold} ({len(test)} items)",
-        fp32_accuracy=float((pred32 == test.labels).mean()),
-        fp16_accuracy=float((pred16 == test.labels).mean()),
+        items=len(held_out.labels),
+        split=held_out.split,
+        fp32_accuracy=float((pred32 == held_out.labels).mean()),
+        fp16_accuracy=float((pred16 == held_out.labels).mean()),
         agreement=float((pred32 == pred16).mean()),
         max_abs_diff=diffs,
     )

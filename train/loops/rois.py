@@ -61,7 +61,8 @@ class BagLearner(Learner):
         self.cell_weight = cell_weight
         self.pseudo_fraction = pseudo_fraction
 
-    def _inputs(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def inputs(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bags `index` as network inputs: normalised cells resized to `input_px`, and masks."""
         crops = self.bags.crops[index]
         b, n, s = crops.shape[:3]
         x = torch.from_numpy(
@@ -87,7 +88,7 @@ class BagLearner(Learner):
             if len(items) < 2:  # BatchNorm in the heads needs two samples
                 continue
             y = torch.from_numpy(self.labels[items].astype(np.int64)).to(self.device)
-            yield self._inputs(items), y
+            yield self.inputs(items), y
 
     def loss(
         self, model: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor
@@ -106,7 +107,7 @@ class BagLearner(Learner):
         out = []
         with torch.no_grad():
             for start in range(0, len(index), EVAL_BAGS):
-                cells, mask = self._inputs(index[start : start + EVAL_BAGS])
+                cells, mask = self.inputs(index[start : start + EVAL_BAGS])
                 out.append(model(cells, mask).roi_logits.argmax(1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 

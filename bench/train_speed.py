@@ -23,14 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from onnxruntime.transformers.float16 import convert_float_to_float16
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from train.export.onnx_export import export_onnx, onnx_session
+from train.export.onnx_export import export_onnx, onnx_session, write_fp16_onnx
 from train.models import create_model
 
 console = Console(width=150)  # the table must not wrap in a log file
@@ -129,8 +127,7 @@ def inference_rates(case: Case, batch: int, seconds: float, folder: Path) -> dic
         ("logits",),
         {n: {0: "batch"} for n in (*case.input_names, "logits")},
     )
-    fp16 = folder / f"{case.name}.fp16.onnx"
-    onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(fp16))
+    fp16 = write_fp16_onnx(fp32, folder / f"{case.name}.fp16.onnx")
     feeds = {
         n: t.numpy().astype(np.bool_ if t.dtype == torch.bool else np.float32)
         for n, t in zip(case.input_names, inputs, strict=True)

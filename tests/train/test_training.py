@@ -17,6 +17,8 @@ from train.data.catalog import open_image_set
 from train.data.labels import HERLEV_CLASSES, LBC_CLASSES, PAPSCAN_CLASSES, SIPAKMED_CLASSES
 from train.data.types import CellBags
 from train.evaluate import class_map, evaluate_run
+from train.export.run_export import export_run
+from train.loops import rois as rois_loop
 from train.loops.rois import train_rois
 from train.loops.supervised import median_fold, train_cells
 from train.protocols import PROTOCOLS, get_protocol
@@ -272,7 +274,7 @@ def test_class_maps() -> None:
         class_map(SIPAKMED_CLASSES, PAPSCAN_CLASSES)
 
 
-def test_rois_run(tmp_path: Path) -> None:
+def test_rois_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("train.models.global_local")  # registers global_local_roi
     rng = np.random.default_rng(1)
     r, n, s = 8, 4, 32
@@ -297,6 +299,17 @@ def test_rois_run(tmp_path: Path) -> None:
     assert run["task"] == "rois" and (run["cells_per_roi"], run["crop_px"]) == (n, s)
     assert sum(f["n"] for f in metrics["folds"]) == r
     assert (tmp_path / "rois" / "model.pt").is_file()
+
+    # Export scores the FP16 twin on the exported fold's own test ROIs. The bags stand in for
+    # the LBC set, whose detector pass over 693 fields is too slow for a unit test.
+    monkeypatch.setattr(rois_loop, "open_cell_bags", lambda *a, **k: (bags, np.arange(r)))
+    report = export_run(tmp_path / "rois", tmp_path / "repo")
+    splits = json.loads((tmp_path / "rois" / "splits.json").read_text())
+    fold = splits["exported_fold"]
+    assert report.fp16 is not None and report.fp16.items == len(splits["folds"][fold]["test"])
+    assert report.check_source == "test ROIs"
+    # ONNX Runtime FP32 on the test ROIs gives the accuracy training measured with PyTorch.
+    assert report.fp16.fp32_accuracy == pytest.approx(metrics["folds"][fold]["accuracy"])
 
 
 def _app() -> typer.Typer:

@@ -65,6 +65,18 @@ def export_onnx(
     return path
 
 
+def write_fp16_onnx(onnx_path: Path, target: Path) -> Path:
+    """`onnx_path` with FP16 weights and arithmetic, FP32 inputs and outputs, at `target`."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True))
+    model.topological_sort()  # the converter appends the input casts after their users
+    onnx.save(model.model, str(target))
+    onnx.checker.check_model(str(target))
+    return target
+
+
 def onnx_session(path: Path) -> ort.InferenceSession:
     """A CPU ONNX Runtime session on `path` (deterministic single-session settings)."""
     options = ort.SessionOptions()

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 import yaml
 from torch import nn
@@ -48,6 +47,7 @@ from train.export.onnx_export import (
     export_onnx,
     max_abs_diff_vs_torch,
     onnx_session,
+    write_fp16_onnx,
 )
 from train.export.repository import write_model_version
 from train.export.tensorrt_build import (
@@ -326,7 +326,7 @@ def export_run(
         comparison = None
         extra: dict[str, Path] = {}
         if fp16:
-            fp16_path = _write_fp16(exported.onnx_path, work / FP16_ARTIFACT_NAME)
+            fp16_path = write_fp16_onnx(exported.onnx_path, work / FP16_ARTIFACT_NAME)
             extra[FP16_ARTIFACT_NAME] = fp16_path
             comparison = _compare_fp16(exported, fp16_path, held_out, data_note)
         version = version or _next_version(repository / name)
@@ -611,18 +611,6 @@ def _export_global_local(
         source,
         architecture,
     )
-
-
-def _write_fp16(onnx_path: Path, target: Path) -> Path:
-    """`onnx_path` with FP16 weights and arithmetic, FP32 inputs and outputs, at `target`."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    model = OnnxModel(convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True))
-    model.topological_sort()  # the converter appends the input casts after their users
-    onnx.save(model.model, str(target))
-    onnx.checker.check_model(str(target))
-    return target
 
 
 def _run(path: Path, inputs: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:

@@ -3,8 +3,10 @@
 The format: `name`, `backend` (preference list), `max_batch_size`, `version_policy`,
 `input`/`output` tensors (`name`, `data_type`, `dims`), `dynamic_batching`
 (`preferred_batch_size`, `max_queue_delay_ms`), `instance_count`, `precision`, `warmup`
-(`batch_sizes`, `data`), `preprocessing`, `labels`, `postprocessing`. `dims` exclude the batch
-dimension when `max_batch_size > 0`; `-1` marks a dynamic dimension.
+(`batch_sizes`, `data`), `preprocessing`, `labels`, `severity`, `postprocessing`. `dims`
+exclude the batch dimension when `max_batch_size > 0`; `-1` marks a dynamic dimension.
+`severity` (optional) lists the labels from least to most severe: a permutation of `labels`
+that starts with the normal class, `labels[0]`.
 
 Every mistake raises `ModelConfigError` with one sentence naming the file, the field and
 what is expected, e.g. ``.../cell_detector/config.yaml: max_batch_size must be a
@@ -52,6 +54,7 @@ _TOP_LEVEL_FIELDS = (
     "warmup",
     "preprocessing",
     "labels",
+    "severity",
     "postprocessing",
 )
 _TENSOR_FIELDS = ("name", "data_type", "dims")
@@ -190,6 +193,8 @@ class ModelConfig:
         warmup: What runs before the model is ready.
         preprocessing: What the image input expects, or None for a model without one.
         labels: Class names, in the order of the model's class outputs.
+        severity: The same names from least to most severe (the normal class, `labels[0]`,
+            first), or None when the config declares no order.
         postprocessing: Free-form settings read by the consumer (e.g. ``kind: yolo``).
         path: The file this config was read from.
     """
@@ -206,6 +211,7 @@ class ModelConfig:
     warmup: Warmup = field(default_factory=Warmup)
     preprocessing: Preprocessing | None = None
     labels: tuple[str, ...] = ()
+    severity: tuple[str, ...] | None = None
     postprocessing: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
@@ -350,6 +356,7 @@ class _Parser:
         outputs = self.tensors(
             self.required(raw, "output", "output", "a list of tensors"), "output"
         )
+        labels = self.labels(raw.get("labels", []))
         config = ModelConfig(
             name=name,
             backend=backend,
@@ -362,7 +369,8 @@ class _Parser:
             precision=self.precision(raw.get("precision", "FP16")),
             warmup=self.warmup(raw.get("warmup"), max_batch_size),
             preprocessing=self.preprocessing(raw.get("preprocessing")),
-            labels=self.labels(raw.get("labels", [])),
+            labels=labels,
+            severity=self.severity(raw.get("severity"), labels),
             postprocessing=self.postprocessing(raw.get("postprocessing", {})),
             path=self.path,
         )
@@ -593,6 +601,23 @@ class _Parser:
             raise self.fail("labels", "a list of non-empty strings", value)
         if len(set(value)) != len(value):
             raise self.fail("labels", "a list without repeated names", value)
+        return tuple(value)
+
+    def severity(self, value: Any, labels: tuple[str, ...]) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not labels:
+            raise self.fail("severity", "given only with labels", value)
+        expected = (
+            f"the labels {list(labels)} ordered from least to most severe, each once, "
+            f"starting with the normal class '{labels[0]}'"
+        )
+        if (
+            not isinstance(value, list)
+            or sorted(value, key=str) != sorted(labels)
+            or value[0] != labels[0]
+        ):
+            raise self.fail("severity", expected, value)
         return tuple(value)
 
     def postprocessing(self, value: Any) -> dict[str, Any]:

@@ -23,6 +23,11 @@ class ModelLoadError(PapscanError):
     """An artifact exists but a backend could not load it."""
 
 
+class ModelContractError(ModelLoadError):
+    """Models of one repository that must work together do not fit: the message names the
+    repository, the two models and what differs (see `engines.contract`)."""
+
+
 class BackendUnavailableError(PapscanError):
     """The runtime a backend needs is not installed or has no device here."""
 

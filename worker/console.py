@@ -76,6 +76,8 @@ def print_report(report: ScanReport) -> None:
         f"{report.width}×{report.height} px at {report.mpp:.3f} µm/px, "
         f"{report.rois_planned} ROIs via {report.reader}"
     )
+    for warning in report.warnings:
+        out.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     style = "green" if s.category == "NILM" else "bold red"
     out.print(
         f"category [{style}]{s.category}[/]   suspicion score {s.score:.3f}   "

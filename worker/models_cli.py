@@ -166,10 +166,13 @@ def verify(
         float, typer.Option(help="Largest |difference| allowed between FP32 backends.")
     ] = 1e-3,
 ) -> None:
-    """Check that every artifact loads, matches its card, and that backends agree."""
+    """Check that every artifact loads, matches its card, and that backends agree; and,
+    for a repository holding the three scan models, that they fit together."""
     from rich.table import Table
 
+    from engines.contract import SCAN_MODELS, check_scan_repository
     from engines.diagnostics import verify_repository
+    from engines.errors import ModelContractError
     from worker.console import out
 
     repo_ = repository(repo)
@@ -203,7 +206,14 @@ def verify(
     failed = [f"{c.model}@{c.version}" for c in checks if not c.ok]
     if failed:
         fail(f"verification failed for {', '.join(failed)}")
-    out.print(f"{len(checks)} model version(s) verified")
+    fit = ""
+    if not model and set(SCAN_MODELS) <= set(repo_.model_names()):
+        try:
+            check_scan_repository(repo_)
+        except ModelContractError as exc:
+            fail(str(exc))
+        fit = "; the scan models fit together"
+    out.print(f"{len(checks)} model version(s) verified{fit}")
 
 
 def _colour(status: str) -> str:

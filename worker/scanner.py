@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engines.repository import ModelRepository
@@ -39,6 +39,7 @@ class ScanReport:
     model_versions: dict[str, int]
     summary: SlideSummary
     timings_ms: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; review cells are reduced to their box, label and scores."""
@@ -109,6 +110,7 @@ def scan_file(
         model_versions=models.versions(),
         summary=outcome.summary,
         timings_ms=outcome.timings_ms,
+        warnings=outcome.warnings,
     )
 
 

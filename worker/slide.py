@@ -36,8 +36,18 @@ SUPPORTED_FORMATS = (
 # is "not a slide" rather than "a format we do not support".
 SLIDE_SUFFIXES = frozenset(
     {
-        ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
-        ".svslide", ".bif", ".czi", ".dcm",
+        ".svs",
+        ".tif",
+        ".tiff",
+        ".ndpi",
+        ".vms",
+        ".vmu",
+        ".scn",
+        ".mrxs",
+        ".svslide",
+        ".bif",
+        ".czi",
+        ".dcm",
     }
 )
 
@@ -83,6 +93,14 @@ class SlideInfo:
         return self.mpp * self.level_downsamples[level]
 
 
+#: Relative mpp difference within which a level is read as it is (0.499 for 0.5); any
+#: larger difference is resampled to exactly the target mpp.
+MPP_TOLERANCE = 0.02
+#: A slide whose level 0 is coarser than the target mpp by more than this is enlarged to
+#: it: the scan runs, with a warning, since enlarging cannot restore detail the scan lacks.
+COARSE_LIMIT = 0.25
+
+
 @dataclass(frozen=True, slots=True)
 class LevelChoice:
     """The pyramid level to read for a wanted resolution, and what is left to resample.
@@ -105,18 +123,28 @@ class LevelChoice:
         """Level-0 pixels per target pixel."""
         return self.scale * self.downsample
 
+    @property
+    def mpp(self) -> float:
+        """Microns per pixel as delivered: the level's own when it is read as is (within
+        tolerance of the target), else the target exactly."""
+        return self.level_mpp * self.scale
 
-def level_for_mpp(info: SlideInfo, target_mpp: float, tolerance: float = 0.1) -> LevelChoice:
+
+def level_for_mpp(
+    info: SlideInfo, target_mpp: float, tolerance: float = MPP_TOLERANCE
+) -> LevelChoice:
     """Pick the coarsest level that is not coarser than `target_mpp`.
 
     A level whose mpp is within `tolerance` (relative) of the target counts as equal and
-    is read without resampling; 0.499 for 0.5 is the usual case. If even level 0 is
-    coarser than the target, level 0 is returned with `scale` < 1 (enlarge).
+    is read without resampling (0.499 for 0.5); any other is resampled to exactly the
+    target, from the coarsest level finer than it (0.46 for 0.5 is shrunk by 0.46/0.5).
+    If even level 0 is coarser than the target, level 0 is returned with `scale` < 1
+    (enlarge; see `coarse_slide_warning`).
 
     Args:
         info: the slide.
         target_mpp: wanted microns per pixel, > 0.
-        tolerance: relative tolerance, e.g. 0.1 = 10 %.
+        tolerance: relative tolerance, e.g. 0.02 = 2 %.
 
     Returns:
         The level and the remaining scale factor.
@@ -128,17 +156,37 @@ def level_for_mpp(info: SlideInfo, target_mpp: float, tolerance: float = 0.1) ->
         raise ValueError(f"target_mpp must be > 0, got {target_mpp}")
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    # The 1e-9 keeps a level exactly at the tolerance (0.51 for 0.5) from being lost to
+    # floating-point rounding.
     best = 0
     for level in range(info.level_count):
-        if info.level_mpp(level) <= target_mpp * (1.0 + tolerance):
+        if info.level_mpp(level) / target_mpp - 1.0 <= tolerance + 1e-9:
             if info.level_mpp(level) > info.level_mpp(best):
                 best = level
     level_mpp = info.level_mpp(best)
     scale = target_mpp / level_mpp
-    if abs(scale - 1.0) <= tolerance:
+    if abs(level_mpp / target_mpp - 1.0) <= tolerance + 1e-9:
         scale = 1.0
     return LevelChoice(
         level=best, downsample=info.level_downsamples[best], level_mpp=level_mpp, scale=scale
+    )
+
+
+def coarse_slide_warning(
+    info: SlideInfo, target_mpp: float, limit: float = COARSE_LIMIT
+) -> str | None:
+    """One sentence when the slide's level 0 is coarser than `target_mpp` by more than
+    `limit` (relative): its ROIs are enlarged, and small cells may be missed.
+
+    Returns:
+        The warning, or None when level 0 is fine enough.
+    """
+    if info.mpp <= target_mpp * (1.0 + limit):
+        return None
+    return (
+        f"{info.path.name} was scanned at {info.mpp:.3g} µm/px, {info.mpp / target_mpp - 1:.0%} "
+        f"coarser than the {target_mpp:g} µm/px the models expect: its ROIs are enlarged to "
+        "it, so small or faint cells may be missed or misclassified"
     )
 
 
@@ -251,7 +299,12 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
         raise
     logger.debug(
         "opened %s: %s %dx%d mpp %.4f, %d levels",
-        path, info.vendor, info.width, info.height, info.mpp, info.level_count,
+        path,
+        info.vendor,
+        info.width,
+        info.height,
+        info.mpp,
+        info.level_count,
     )
     return Slide(osr, info)
 
@@ -365,9 +418,7 @@ def _probe(osr: openslide.OpenSlide, path: Path, vendor: str) -> None:
         raise SlideOpenError(f"{path} is truncated or corrupt (OpenSlide: {exc}).") from exc
 
 
-def _describe(
-    osr: openslide.OpenSlide, path: Path, vendor: str, mpp: float | None
-) -> SlideInfo:
+def _describe(osr: openslide.OpenSlide, path: Path, vendor: str, mpp: float | None) -> SlideInfo:
     props = osr.properties
     if mpp is not None:
         mpp_x = mpp_y = float(mpp)

@@ -157,6 +157,29 @@ def test_defaults_of_the_optional_fields(tmp_path: Path) -> None:
     config = load_config(_write(tmp_path, "cell_classifier", CONTRACT_CONFIGS["cell_classifier"]))
     assert (config.instance_count, config.precision) == (1, "FP16")
     assert config.warmup == Warmup()
+    assert config.severity is None
+
+
+@pytest.mark.parametrize(
+    ("labels", "severity"),
+    [
+        ("[NILM, LSIL, HSIL]", "[NILM, LSIL, HSIL]"),
+        ("[NILM, HSIL, LSIL]", "[NILM, LSIL, HSIL]"),  # outputs in another order than severity
+    ],
+)
+def test_severity_is_parsed(tmp_path: Path, labels: str, severity: str) -> None:
+    text = CONTRACT_CONFIGS["cell_classifier"].replace("labels: [NILM, LSIL, HSIL]", "")
+    text += f"labels: {labels}\nseverity: {severity}\n"
+    config = load_config(_write(tmp_path, "cell_classifier", text))
+    assert config.severity == ("NILM", "LSIL", "HSIL")
+
+
+def test_severity_needs_labels(tmp_path: Path) -> None:
+    text = CONTRACT_CONFIGS["cell_classifier"].replace("labels: [NILM, LSIL, HSIL]", "")
+    path = _write(tmp_path, "cell_classifier", text + "severity: [NILM]\n")
+    with pytest.raises(ModelConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: severity must be given only with labels, got ['NILM']"
 
 
 def _set(key: str, value: Any) -> Any:
@@ -221,7 +244,7 @@ CONFIG_ERRORS = [
         _set("platform", "onnxruntime_onnx"),
         "unknown field 'platform' (known fields: name, backend, max_batch_size, version_policy, "
         "input, output, dynamic_batching, instance_count, precision, warmup, preprocessing, "
-        "labels, postprocessing)",
+        "labels, severity, postprocessing)",
     ),
     (
         "name mismatch",
@@ -284,6 +307,37 @@ CONFIG_ERRORS = [
         "labels not strings",
         _set("labels", ["NILM", 2]),
         "labels must be a list of non-empty strings, got ['NILM', 2]",
+    ),
+    (
+        "severity not a permutation of labels",
+        _set("severity", ["NILM", "LSIL"]),
+        "severity must be the labels ['NILM', 'LSIL', 'HSIL'] ordered from least to most "
+        "severe, each once, starting with the normal class 'NILM', got ['NILM', 'LSIL']",
+    ),
+    (
+        "severity with an unknown label",
+        _set("severity", ["NILM", "LSIL", "SCC"]),
+        "severity must be the labels ['NILM', 'LSIL', 'HSIL'] ordered from least to most "
+        "severe, each once, starting with the normal class 'NILM', got ['NILM', 'LSIL', 'SCC']",
+    ),
+    (
+        "severity not normal first",
+        _set("severity", ["LSIL", "NILM", "HSIL"]),
+        "severity must be the labels ['NILM', 'LSIL', 'HSIL'] ordered from least to most "
+        "severe, each once, starting with the normal class 'NILM', got ['LSIL', 'NILM', 'HSIL']",
+    ),
+    (
+        "severity repeats a label",
+        _set("severity", ["NILM", "LSIL", "HSIL", "HSIL"]),
+        "severity must be the labels ['NILM', 'LSIL', 'HSIL'] ordered from least to most "
+        "severe, each once, starting with the normal class 'NILM', "
+        "got ['NILM', 'LSIL', 'HSIL', 'HSIL']",
+    ),
+    (
+        "severity not a list",
+        _set("severity", "NILM < LSIL < HSIL"),
+        "severity must be the labels ['NILM', 'LSIL', 'HSIL'] ordered from least to most "
+        "severe, each once, starting with the normal class 'NILM', got 'NILM < LSIL < HSIL'",
     ),
     (
         "version policy latest zero",
@@ -456,7 +510,7 @@ def test_config_errors_are_one_sentence(
             "- name: tiny\n",
             "the file must be a mapping with fields name, backend, max_batch_size, "
             "version_policy, input, output, dynamic_batching, instance_count, precision, warmup, "
-            "preprocessing, labels, postprocessing, got [{'name': 'tiny'}]",
+            "preprocessing, labels, severity, postprocessing, got [{'name': 'tiny'}]",
             id="top level list",
         ),
     ],

@@ -112,6 +112,46 @@ def test_invalid_model_config_fails_in_one_sentence(tmp_path: Path, small_slide:
     assert "config.yaml" in result.stderr
 
 
+def test_models_that_do_not_fit_fail_in_one_sentence(tmp_path: Path, small_slide: Path) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(default_repository_path(), repo)
+    config = repo / "roi_classifier" / "config.yaml"
+    config.write_text(
+        config.read_text().replace("labels: [NILM, LSIL, HSIL]", "labels: [NILM, HSIL, LSIL]")
+    )
+    db_file = tmp_path / "r.db"
+    result = papscan(
+        "scan",
+        str(small_slide),
+        "--db",
+        f"sqlite:///{db_file}",
+        "--models",
+        str(repo),
+        "--no-progress",
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0] == (
+        f"papscan: model repository {repo}: cell_classifier and roi_classifier carry the same "
+        "labels in a different order: cell_classifier has [NILM, LSIL, HSIL], roi_classifier "
+        "has [NILM, HSIL, LSIL] (both must list the same classes in the same order)"
+    )
+    assert not any(row_counts(db_file).values())
+
+
+def test_a_coarse_slide_scans_with_a_warning(tmp_path: Path) -> None:
+    path = no_mpp_tiff(tmp_path / "coarse.tiff")
+    result = papscan(
+        "scan", str(path), "--db", f"sqlite:///{tmp_path / 'r.db'}", "--mpp", "0.8", "--no-progress"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "warning: coarse.tiff was scanned at 0.8 µm/px, 60% coarser than the 0.5 µm/px" in (
+        " ".join(result.stdout.split())
+    )
+
+
 def test_unreachable_database_fails_in_one_sentence(small_slide: Path) -> None:
     result = papscan(
         "scan",
@@ -142,6 +182,7 @@ def test_scan_json_then_export_csv(tmp_path: Path, small_slide: Path) -> None:
     report = json.loads(result.stdout)
     assert {"category", "score", "cell_count", "class_counts"} <= set(report["summary"])
     assert {"detect", "classify_cells", "total"} <= set(report["timings_ms"])
+    assert report["warnings"] == []
     exported = papscan("export", str(report["scan_id"]), "--format", "csv", "--db", db)
     assert exported.returncode == 0, exported.stderr
     lines = exported.stdout.strip().splitlines()

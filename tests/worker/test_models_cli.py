@@ -28,7 +28,20 @@ def test_verify_passes_on_the_shipped_repository() -> None:
     result = papscan("models", "verify")
     assert result.returncode == 0, result.stderr
     assert "3 model version(s) verified" in result.stdout
+    assert "verified; the scan models fit together" in result.stdout
     assert "reference" in result.stdout
+
+
+def test_verify_refuses_models_that_do_not_fit_together(repo_copy: Path) -> None:
+    config = repo_copy / "cell_classifier" / "config.yaml"
+    config.write_text(config.read_text().replace("mpp: 0.5", "mpp: 0.25"))
+    result = papscan("models", "verify", str(repo_copy))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"papscan: model repository {repo_copy}: cell_detector and cell_classifier expect "
+        "different resolutions: cell_detector 0.5 µm/px, cell_classifier 0.25 µm/px (the cell "
+        "crops are cut from the detector's ROI images, so both must be equal)"
+    ]
 
 
 def test_verify_fails_when_an_artifact_does_not_match_its_card(repo_copy: Path) -> None:

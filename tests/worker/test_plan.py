@@ -13,11 +13,18 @@ from worker.pipeline.plan import RoiPlan, TissueMask, cellular_mask, plan_rois
 from worker.slide import SlideInfo, open_slide
 
 
-def fake_info(width: int, height: int, mpp: float = 0.5,
-              downsamples: tuple[float, ...] = (1.0,)) -> SlideInfo:
+def fake_info(
+    width: int, height: int, mpp: float = 0.5, downsamples: tuple[float, ...] = (1.0,)
+) -> SlideInfo:
     return SlideInfo(
-        path=Path("/fake.tiff"), fingerprint="x", vendor="generic-tiff", width=width,
-        height=height, mpp_x=mpp, mpp_y=mpp, level_count=len(downsamples),
+        path=Path("/fake.tiff"),
+        fingerprint="x",
+        vendor="generic-tiff",
+        width=width,
+        height=height,
+        mpp_x=mpp,
+        mpp_y=mpp,
+        level_count=len(downsamples),
         level_dimensions=tuple((math.ceil(width / d), math.ceil(height / d)) for d in downsamples),
         level_downsamples=downsamples,
     )
@@ -41,12 +48,12 @@ def core_cover(info: SlideInfo, plan: RoiPlan) -> np.ndarray:
     ("width", "height", "mpp", "target", "roi_px", "overlap_px"),
     [
         (3000, 2000, 0.5, 0.5, 512, 128),
-        (512, 512, 0.5, 0.5, 512, 128),     # exactly one ROI
-        (300, 200, 0.5, 0.5, 512, 128),     # smaller than one ROI
+        (512, 512, 0.5, 0.5, 512, 128),  # exactly one ROI
+        (300, 200, 0.5, 0.5, 512, 128),  # smaller than one ROI
         (2901, 1777, 0.25, 0.5, 512, 128),  # level 0 shrunk by 2
         (2220, 2967, 0.499, 0.5, 512, 128),  # within tolerance: read as is
-        (4000, 3000, 0.5, 0.7, 256, 64),    # non-integer scale
-        (1500, 1500, 0.5, 0.5, 512, 0),     # no overlap
+        (4000, 3000, 0.5, 0.7, 256, 64),  # non-integer scale
+        (1500, 1500, 0.5, 0.5, 512, 0),  # no overlap
     ],
 )
 def test_cores_partition_the_slide(width, height, mpp, target, roi_px, overlap_px) -> None:
@@ -84,7 +91,7 @@ def test_kept_cores_cover_every_cellular_pixel_and_only_those_rois() -> None:
     rng = np.random.default_rng(3)
     m = mask.mask.copy()
     m[rng.random(m.shape) < 0.01] = True  # scattered single cells
-    m[50:70, 100:140] = True              # a cluster
+    m[50:70, 100:140] = True  # a cluster
     mask = TissueMask(m, mask.mpp, mask.l0_per_px, 0.1)
     plan = plan_rois(info, mask, 0.5, 512, 128)
     assert 0 < len(plan) < plan.grid_cols * plan.grid_rows
@@ -161,8 +168,9 @@ def test_blank_slide_has_an_empty_mask(tmp_path: Path, make_tiff, make_cells_ima
         assert len(plan_rois(slide.info, mask, 0.5)) == 0
 
 
-def test_mask_at_a_level_finer_than_asked_is_read_in_pieces(tmp_path: Path, make_tiff,
-                                                            make_cells_image) -> None:
+def test_mask_at_a_level_finer_than_asked_is_read_in_pieces(
+    tmp_path: Path, make_tiff, make_cells_image
+) -> None:
     """A single-level slide: the mask comes from level 0 read piecewise (bounded memory)."""
     image = make_cells_image(3000, 2000, seed=2, cells_right_of=0.5, n_cells=120)
     path = make_tiff(tmp_path / "single.tiff", image, levels=1)
@@ -172,3 +180,41 @@ def test_mask_at_a_level_finer_than_asked_is_read_in_pieces(tmp_path: Path, make
     cols = np.nonzero(mask.mask.any(axis=0))[0]
     # Cells from x = 1500 - 40 l0 px (mask column 91), dilated by 8 columns.
     assert cols.min() >= (1500 - 40) // 16 - 8 and cols.max() == 187
+
+
+@pytest.mark.parametrize(
+    ("mpp", "level_mpp", "l0_per_px"),
+    [
+        (0.5, 0.5, 1.0),
+        (0.505, 0.505, 1.0),  # within 2 %: read as is, at its own mpp
+        (0.46, 0.5, 0.5 / 0.46),  # 8 % off: resampled to exactly the target
+        (0.55, 0.5, 0.5 / 0.55),
+    ],
+)
+def test_plan_delivers_the_target_mpp_unless_within_2_percent(
+    mpp: float, level_mpp: float, l0_per_px: float
+) -> None:
+    info = fake_info(3000, 2000, mpp)
+    plan = plan_rois(info, full_mask(info), 0.5, 512, 128)
+    assert plan.mpp == pytest.approx(level_mpp)
+    assert plan.l0_per_px == pytest.approx(l0_per_px)
+    assert plan.rois[0].l0_w == round(512 * l0_per_px)
+    assert plan.warnings == ()
+
+
+def test_a_slide_much_coarser_than_the_model_is_planned_with_a_warning(caplog) -> None:
+    info = fake_info(2000, 1500, 0.8)
+    with caplog.at_level("WARNING", logger="worker.pipeline.plan"):
+        plan = plan_rois(info, full_mask(info), 0.5, 512, 128)
+    assert plan.mpp == pytest.approx(0.5) and plan.l0_per_px == pytest.approx(0.625)
+    assert len(plan) > 0
+    (warning,) = plan.warnings
+    assert warning == (
+        "fake.tiff was scanned at 0.8 µm/px, 60% coarser than the 0.5 µm/px the models "
+        "expect: its ROIs are enlarged to it, so small or faint cells may be missed or "
+        "misclassified"
+    )
+    assert [r.getMessage() for r in caplog.records] == [warning]
+    # Up to 25 % coarser: enlarged without a warning.
+    fine_enough = fake_info(2000, 1500, 0.625)
+    assert plan_rois(fine_enough, full_mask(fine_enough), 0.5).warnings == ()

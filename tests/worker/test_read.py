@@ -7,6 +7,7 @@ no colour marker (Aperio style), the real Aperio SVS, and every resampling path.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from pathlib import Path
@@ -60,8 +61,9 @@ def ycbcr_tiff(tmp_path_factory, make_tiff, make_cells_image) -> Path:
 @pytest.fixture(scope="module")
 def aperio_style_tiff(tmp_path_factory, make_tiff, make_cells_image) -> Path:
     image = make_cells_image(1100, 800, seed=8, n_cells=80)
-    return make_tiff(tmp_path_factory.mktemp("slides") / "rgb.tiff", image, levels=2,
-                     tile_px=240, style="aperio")
+    return make_tiff(
+        tmp_path_factory.mktemp("slides") / "rgb.tiff", image, levels=2, tile_px=240, style="aperio"
+    )
 
 
 @pytest.mark.parametrize("target_mpp", [0.5, 1.0, 2.0, 0.7, 0.25])
@@ -72,8 +74,9 @@ def test_ycbcr_tiles_equal_openslide(ycbcr_tiff: Path, target_mpp: float) -> Non
 
 
 @pytest.mark.parametrize("target_mpp", [0.5, 1.0, 0.8])
-def test_rgb_tiles_with_tables_equal_openslide(aperio_style_tiff: Path, target_mpp: float,
-                                               make_cells_image) -> None:
+def test_rgb_tiles_with_tables_equal_openslide(
+    aperio_style_tiff: Path, target_mpp: float, make_cells_image
+) -> None:
     with open_slide(aperio_style_tiff) as slide:
         layout = jpeg_tile_layout(slide.info, 0)
         assert layout is not None and layout.rgb and layout.tables is not None
@@ -92,8 +95,8 @@ def test_real_aperio_svs_equals_openslide(shared_data: Path) -> None:
         pytest.skip(f"{path} is absent")
     with open_slide(path) as slide:
         assert jpeg_tile_layout(slide.info, 0).rgb
-        assert max_diff(slide, 0.5) == 0   # 0.499 mpp: read as is
-        assert max_diff(slide, 1.0) == 0   # shrunk by ~2
+        assert max_diff(slide, 0.5) == 0  # 0.499 mpp: read as is
+        assert max_diff(slide, 1.0) == 0  # shrunk by ~2
 
 
 def test_synthetic_slide_equals_openslide(tmp_path: Path) -> None:
@@ -120,8 +123,7 @@ def test_rois_past_the_edge_are_white(ycbcr_tiff: Path) -> None:
     assert (image[:inside_h, :inside_w] < 250).any()
 
 
-def test_make_reader_choices(tmp_path: Path, ycbcr_tiff: Path, make_tiff,
-                             make_cells_image) -> None:
+def test_make_reader_choices(tmp_path: Path, ycbcr_tiff: Path, make_tiff, make_cells_image) -> None:
     with open_slide(ycbcr_tiff) as slide:
         auto = make_reader(slide, 0.5, 512)
         assert isinstance(auto, TileReader) and auto.name == "dali-cpu"
@@ -145,8 +147,9 @@ def test_gpu_decoding_without_a_gpu_is_a_clear_error(ycbcr_tiff: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(cuda_device_count() == 0, reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("style", ["ycbcr", "aperio"])
-def test_gpu_decoding_is_close_to_openslide(tmp_path: Path, make_tiff, make_cells_image,
-                                            style: str) -> None:
+def test_gpu_decoding_is_close_to_openslide(
+    tmp_path: Path, make_tiff, make_cells_image, style: str
+) -> None:
     """nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's: close, not equal.
     RGB tiles decoded as YCbCr (APP14 ignored) would be off by ~60 levels on average."""
     path = make_tiff(tmp_path / f"{style}.tiff", make_cells_image(1500, 1000), style=style)
@@ -186,8 +189,9 @@ def test_jpeg_stream() -> None:
     assert jpeg_stream(tile) is tile
     tables = b"\xff\xd8\xff\xdbQQ\xff\xd9"
     merged = jpeg_stream(tile, tables, rgb=True)
-    assert merged == (b"\xff\xd8\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
-                      b"\xff\xdbQQ\xff\xc0body\xff\xd9")
+    assert merged == (
+        b"\xff\xd8\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00\xff\xdbQQ\xff\xc0body\xff\xd9"
+    )
     assert jpeg_stream(tile, tables) == b"\xff\xd8\xff\xdbQQ\xff\xc0body\xff\xd9"
     with pytest.raises(ValueError):
         jpeg_stream(b"\x00\x00junk")
@@ -275,8 +279,9 @@ def test_read_ahead_on_a_real_slide(ycbcr_tiff: Path) -> None:
         next(read_ahead(reader, plan.rois, depth=0))
 
 
-def test_uneven_downsample_levels_are_close_to_openslide(tmp_path: Path, make_tiff,
-                                                         make_cells_image) -> None:
+def test_uneven_downsample_levels_are_close_to_openslide(
+    tmp_path: Path, make_tiff, make_cells_image
+) -> None:
     """Odd sizes give levels at downsample 1.9992 and 3.995. OpenSlide then maps level-0
     coordinates to fractional level positions and interpolates (cairo) by that fraction;
     TileReader cuts whole level pixels at round(l0 / downsample). Same picture, shifted by
@@ -315,3 +320,68 @@ def test_overlapping_rois_decode_each_tile_once(ycbcr_tiff: Path) -> None:
             reader.close()
     tiles = reader.layout.tiles_across * reader.layout.tiles_down
     assert len(rois) > 4 and decoded <= tiles
+
+
+# --- resampling to the target mpp ------------------------------------------------------
+
+DISC_UM = 40.0  # diameter of the dark disc, microns
+DISC_AT_UM = (150.0, 130.0)  # its centre, microns from the slide's top-left
+
+
+def disc_image(width: int, height: int, mpp: float) -> np.ndarray:
+    """Light glass with one dark disc of `DISC_UM` microns, anti-aliased, at `mpp`."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+    cx, cy = (c / mpp for c in DISC_AT_UM)
+    inside = np.clip(DISC_UM / mpp / 2 - np.hypot(xx - cx, yy - cy) + 0.5, 0.0, 1.0)
+    grey = 230.0 - 170.0 * inside
+    return np.repeat(grey.round().astype(np.uint8)[..., None], 3, axis=2)
+
+
+def disc_in(image: np.ndarray) -> tuple[float, float, float]:
+    """(diameter, centre x, centre y) in pixels of the dark disc: from its area and centroid
+    at half contrast (anti-aliased edges count by their coverage)."""
+    grey = image.astype(np.float64).mean(axis=2)
+    coverage = np.clip((230.0 - grey) / 170.0, 0.0, 1.0)
+    area = coverage.sum()
+    yy, xx = np.mgrid[0 : grey.shape[0], 0 : grey.shape[1]] + 0.5
+    cx, cy = (coverage * xx).sum() / area, (coverage * yy).sum() / area
+    return 2.0 * math.sqrt(area / math.pi), cx, cy
+
+
+@pytest.mark.parametrize(
+    ("slide_mpp", "delivered_mpp"),
+    [
+        (0.46, 0.5),  # 8 % finer than the model: shrunk to exactly 0.5
+        (0.42, 0.5),  # 16 % finer
+        (0.51, 0.51),  # within 2 %: read as is
+        (0.6, 0.5),  # 20 % coarser: enlarged to exactly 0.5
+    ],
+)
+def test_rois_are_delivered_at_the_target_mpp(
+    tmp_path: Path, make_tiff, slide_mpp: float, delivered_mpp: float
+) -> None:
+    """A disc of known size comes out at its size at the delivered mpp (±1 px), through
+    both readers, and wherever the plan says it is."""
+    path = make_tiff(
+        tmp_path / "disc.tiff", disc_image(900, 700, slide_mpp), mpp=slide_mpp, quality=95
+    )
+    with open_slide(path) as slide:
+        plan = plan_rois(slide.info, TissueMask(np.ones((1, 1), bool), 1e3, 1e3, 0.0), 0.5)
+        assert plan.mpp == pytest.approx(delivered_mpp)
+        roi = plan.rois[0]
+        readers = [
+            make_reader(slide, 0.5, 512, prefer="dali", device="cpu"),
+            OpenSlideReader(slide, 0.5, 512),
+        ]
+        try:
+            for reader in readers:
+                assert reader.mpp == pytest.approx(plan.mpp)
+                image = reader.read(roi)
+                assert image.shape == (512, 512, 3)
+                diameter, cx, cy = disc_in(image)
+                assert diameter == pytest.approx(DISC_UM / delivered_mpp, abs=1.0), reader.name
+                # Where the plan maps it: level-0 position over l0_per_px.
+                assert cx == pytest.approx(DISC_AT_UM[0] / slide_mpp / plan.l0_per_px, abs=1.0)
+                assert cy == pytest.approx(DISC_AT_UM[1] / slide_mpp / plan.l0_per_px, abs=1.0)
+        finally:
+            readers[0].close()

@@ -9,11 +9,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
+from engines.errors import ModelContractError
 from engines.repository import ModelRepository, default_repository_path
 from train.evaluation import match_cells
 from train.synth import read_truth, write_synthetic_slide
@@ -21,8 +23,9 @@ from worker.db import queries
 from worker.db.models import Cell, Roi, Scan
 from worker.db.session import Database
 from worker.export import write_cells
-from worker.pipeline.scan import ScanOptions
+from worker.pipeline.scan import ScanModels, ScanOptions, ScanPipeline
 from worker.scanner import scan_file
+from worker.slide import open_slide
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +68,7 @@ def test_scan_finds_and_classifies_the_ground_truth_cells(slide_8k: Path, dali_s
     assert m.precision >= 0.90
     assert m.accuracy >= 0.85
     assert report.reader.startswith("dali")
+    assert report.warnings == [] and report.to_dict()["warnings"] == []
 
 
 def test_one_row_per_detected_cell(dali_scan) -> None:
@@ -127,3 +131,81 @@ def test_scan_into_postgresql(slide_8k: Path, repository: ModelRepository, pg_ur
     db = Database(pg_url)
     report = scan_file(slide_8k, db, repository)
     assert len(cells_of(db, report.scan_id)) == report.summary.cell_count > 500
+
+
+# --- resolution and the model contract ----------------------------------------------------
+
+
+@pytest.mark.parametrize("mpp", [0.46, 0.8])
+def test_slides_off_the_model_mpp_are_resampled(
+    tmp_path: Path, repository: ModelRepository, mpp: float
+) -> None:
+    """0.46 mpp (8 % off 0.5) is shrunk to exactly 0.5 and scanned as well as a 0.5 slide;
+    0.8 mpp (60 % coarser) is enlarged, scanned, and the report says so."""
+    path = tmp_path / f"at-{mpp}.tiff"
+    side = round(1024 * 0.5 / mpp)  # about 1024 px at 0.5 mpp
+    write_synthetic_slide(path, width=side, height=side, mpp=mpp, seed=4, cells=25)
+    db = Database(f"sqlite:///{tmp_path / 'results.db'}")
+    report = scan_file(path, db, repository)
+    if mpp == 0.46:
+        m = match_cells(read_truth(path), cells_of(db, report.scan_id))
+        assert m.recall >= 0.9 and m.precision >= 0.9, m
+        assert report.warnings == []
+    else:
+        (warning,) = report.warnings
+        assert "0.8 µm/px, 60% coarser than the 0.5 µm/px the models expect" in warning
+        assert report.to_dict()["warnings"] == [warning]
+
+
+def test_crop_field_follows_the_delivered_mpp(repository: ModelRepository) -> None:
+    models = ScanModels.load(repository)
+    try:
+        pipeline = ScanPipeline(models)
+        assert pipeline.crop_field_for(0.5) == pipeline.crop_field_px == 96
+        assert pipeline.crop_field_for(0.51) == 94  # a level read as is, 2 % coarser
+        assert pipeline.crop_field_for(0.49) == 98
+    finally:
+        models.close()
+
+
+def test_the_slide_rules_follow_the_declared_severity(
+    tmp_path: Path, repository: ModelRepository
+) -> None:
+    """Labels in one order, severity in another: the aggregator ranks by severity."""
+    repo = Path(shutil.copytree(repository.path, tmp_path / "models"))
+    for name in ("cell_classifier", "roi_classifier"):
+        config = repo / name / "config.yaml"
+        config.write_text(
+            config.read_text().replace("labels: [NILM, LSIL, HSIL]", "labels: [NILM, HSIL, LSIL]")
+        )
+    models = ScanModels.load(ModelRepository(repo))
+    try:
+        pipeline = ScanPipeline(models)
+        assert pipeline.labels == ("NILM", "HSIL", "LSIL")
+        assert pipeline.severity == ("NILM", "LSIL", "HSIL")
+        path = tmp_path / "small.tiff"
+        write_synthetic_slide(path, width=1024, height=1024, mpp=0.5, seed=4, cells=25)
+        with open_slide(path) as slide:
+            outcome = pipeline.run(slide, lambda rois, cells: None)
+        assert list(outcome.summary.class_counts) == ["NILM", "LSIL", "HSIL"]
+    finally:
+        models.close()
+
+
+def test_mismatched_models_are_refused_before_any_loads(
+    tmp_path: Path, repository: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = Path(shutil.copytree(repository.path, tmp_path / "models"))
+    config = repo / "roi_classifier" / "config.yaml"
+    config.write_text(config.read_text().replace("dims: [-1, 64]", "dims: [-1, 32]"))
+    mismatched = ModelRepository(repo)
+    monkeypatch.setattr(
+        mismatched, "load", lambda *a, **k: pytest.fail("a model was loaded before the check")
+    )
+    with pytest.raises(ModelContractError) as info:
+        ScanModels.load(mismatched)
+    assert str(info.value) == (
+        f"model repository {repo}: cell_classifier and roi_classifier disagree on the cell "
+        "feature size: cell_classifier's output 'features' has 64 values per cell but "
+        "roi_classifier's input 'cell_features' takes 32 values"
+    )

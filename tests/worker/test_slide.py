@@ -137,9 +137,16 @@ def test_real_aperio_svs(shared_data: Path) -> None:
 def fake_info(mpp: float = 0.5, downsamples: tuple[float, ...] = (1.0, 2.0, 4.0)) -> SlideInfo:
     dims = tuple((int(8000 / d), int(6000 / d)) for d in downsamples)
     return SlideInfo(
-        path=Path("/fake.tiff"), fingerprint="x", vendor="generic-tiff", width=8000,
-        height=6000, mpp_x=mpp, mpp_y=mpp, level_count=len(downsamples),
-        level_dimensions=dims, level_downsamples=downsamples,
+        path=Path("/fake.tiff"),
+        fingerprint="x",
+        vendor="generic-tiff",
+        width=8000,
+        height=6000,
+        mpp_x=mpp,
+        mpp_y=mpp,
+        level_count=len(downsamples),
+        level_dimensions=dims,
+        level_downsamples=downsamples,
     )
 
 
@@ -150,12 +157,16 @@ def fake_info(mpp: float = 0.5, downsamples: tuple[float, ...] = (1.0, 2.0, 4.0)
         (0.5, 0.5, 0, 1.0),
         (0.5, 1.0, 1, 1.0),
         (0.5, 2.0, 2, 1.0),
-        (0.5, 8.0, 2, 4.0),      # coarser than every level: shrink the coarsest
-        (0.5, 0.52, 0, 1.0),     # within 10 %: read as is
-        (0.5, 1.05, 1, 1.0),
-        (0.5, 0.7, 0, 1.4),      # between levels: the finer one, shrunk
+        (0.5, 8.0, 2, 4.0),  # coarser than every level: shrink the coarsest
+        (0.5, 0.51, 0, 1.0),  # within 2 %: read as is
+        (0.5, 1.015, 1, 1.0),
+        (0.5, 0.52, 0, 1.04),  # 4 % off: resampled to exactly the target
+        (0.5, 1.05, 1, 1.05),
+        (0.46, 0.5, 0, 0.5 / 0.46),  # 8 % finer than the target: shrunk
+        (0.8, 0.5, 0, 0.625),  # coarser than the target: enlarged
+        (0.5, 0.7, 0, 1.4),  # between levels: the finer one, shrunk
         (0.5, 1.5, 1, 1.5),
-        (0.5, 0.25, 0, 0.5),     # finer than level 0: enlarge
+        (0.5, 0.25, 0, 0.5),  # finer than level 0: enlarge
         (0.499, 0.5, 0, 1.0),
         (0.25, 0.5, 1, 1.0),
         (0.25, 1.0, 2, 1.0),
@@ -166,6 +177,10 @@ def test_level_for_mpp(slide_mpp: float, target: float, level: int, scale: float
     assert choice.level == level
     assert choice.scale == pytest.approx(scale)
     assert choice.l0_per_px == pytest.approx(scale * choice.downsample)
+    # Delivered: the target exactly, unless the level is read as is (within 2 %).
+    delivered = choice.level_mpp if scale == 1.0 else target
+    assert choice.mpp == pytest.approx(delivered)
+    assert abs(choice.mpp / target - 1) <= 0.02 + 1e-9
 
 
 def test_level_for_mpp_between_sparse_levels() -> None:

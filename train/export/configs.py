@@ -72,9 +72,12 @@ def classifier_config(
     *,
     name: str = "cell_classifier",
     precision: str = "FP16",
+    severity: list[str] | None = None,
 ) -> dict[str, Any]:
     """A cell classifier (`cell_classifier` by default): `crops` -> `probs` (softmax) and
-    `features`; `precision` is what TensorRT builds (and ONNX Runtime runs on CUDA)."""
+    `features`; `precision` is what TensorRT builds (and ONNX Runtime runs on CUDA).
+    `severity` orders the labels from least to most severe, normal first (default: the
+    labels' own order); the ROI classifier it works with must declare the same."""
     return {
         "name": name,
         "backend": list(BACKEND_PREFERENCE),
@@ -99,11 +102,18 @@ def classifier_config(
             "layout": "NCHW",
         },
         "labels": list(labels),
+        "severity": list(labels if severity is None else severity),
     }
 
 
-def roi_config(labels: list[str], feature_dim: int, max_batch_size: int = 16) -> dict[str, Any]:
-    """`roi_classifier`: (`cell_features`, `cell_mask`) -> `roi_probs`, `attention`."""
+def roi_config(
+    labels: list[str],
+    feature_dim: int,
+    max_batch_size: int = 16,
+    severity: list[str] | None = None,
+) -> dict[str, Any]:
+    """`roi_classifier`: (`cell_features`, `cell_mask`) -> `roi_probs`, `attention`;
+    `severity` as in `classifier_config` (default: the labels' own order)."""
     return {
         "name": "roi_classifier",
         "backend": list(BACKEND_PREFERENCE),
@@ -119,6 +129,7 @@ def roi_config(labels: list[str], feature_dim: int, max_batch_size: int = 16) ->
             {"name": "attention", "data_type": "TYPE_FP32", "dims": [-1]},
         ],
         "labels": list(labels),
+        "severity": list(labels if severity is None else severity),
     }
 
 

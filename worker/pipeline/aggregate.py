@@ -1,9 +1,10 @@
 """Slide-level result from a stream of cells and ROIs, in constant memory.
 
-Classes are ordered least to most severe, as the cell classifier's labels are
-(`NILM, LSIL, HSIL`). The slide's category is the most severe class that either at least
-`min_cells` confident cells reach (a single confident cell could be a false positive; a
-few together are worth a pathologist's look) or one ROI reaches with high probability.
+Classes are ordered least to most severe: the classifiers' declared `severity` order
+(`NILM, LSIL, HSIL`), which the model contract checks at load. The slide's category is the
+most severe class that either at least `min_cells` confident cells reach (a single
+confident cell could be a false positive; a few together are worth a pathologist's look)
+or one ROI reaches with high probability.
 The suspicion score, which sorts the morning worklist, blends the most abnormal ROI with
 the mean suspicion of the slide's top cells.
 """

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from worker.slide import Slide, SlideInfo, level_for_mpp
+from worker.slide import MPP_TOLERANCE, Slide, SlideInfo, coarse_slide_warning, level_for_mpp
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,11 @@ class RoiPlan:
         level: the level ROIs are read from (see `level_for_mpp`).
         l0_per_px: level-0 pixels per ROI pixel (level downsample x remaining scale).
         mpp: microns per ROI pixel as delivered: the level's own mpp where it is within
-            tolerance of the target (read without resampling), else `target_mpp`.
+            tolerance (2 %) of the target (read without resampling), else `target_mpp`
+            exactly (resampled). Sizes in ROI pixels (the cell crop field) follow it.
         grid_cols, grid_rows: size of the full grid.
+        warnings: sentences about the slide a person should see with its result (a
+            slide much coarser than the models expect).
     """
 
     rois: tuple[Roi, ...]
@@ -120,6 +123,7 @@ class RoiPlan:
     mpp: float
     grid_cols: int
     grid_rows: int
+    warnings: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.rois)
@@ -168,7 +172,12 @@ def cellular_mask(
         mask = cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
     logger.debug(
         "mask %dx%d at %.1f mpp: OD threshold %.3f (otsu %.3f), %.1f%% cellular",
-        mask.shape[1], mask.shape[0], mask_mpp, threshold, otsu, 100 * mask.mean(),
+        mask.shape[1],
+        mask.shape[0],
+        mask_mpp,
+        threshold,
+        otsu,
+        100 * mask.mean(),
     )
     return TissueMask(mask=mask, mpp=mask_mpp, l0_per_px=l0_per_px, threshold_od=threshold)
 
@@ -239,7 +248,7 @@ def plan_rois(
     target_mpp: float,
     roi_px: int = 512,
     overlap_px: int = 128,
-    tolerance: float = 0.1,
+    tolerance: float = MPP_TOLERANCE,
 ) -> RoiPlan:
     """Lay a regular ROI grid over the slide and keep the ROIs whose core meets the mask.
 
@@ -250,7 +259,8 @@ def plan_rois(
         roi_px: ROI side in target pixels.
         overlap_px: overlap of neighbouring ROIs in target pixels, even, < roi_px.
         tolerance: relative mpp tolerance, as in `level_for_mpp` (the reader must use
-            the same value).
+            the same value): a level this close to `target_mpp` is read as is, any other
+            is resampled to exactly `target_mpp`.
 
     Returns:
         The plan; ROIs in row-major order with dense indices.
@@ -285,20 +295,43 @@ def plan_rois(
                 continue
             rois.append(
                 Roi(
-                    index=len(rois), row=row, col=col,
-                    l0_x=round(col * stride * f), l0_y=round(row * stride * f),
-                    l0_w=l0_roi, l0_h=l0_roi,
-                    core_x=cx0, core_y=cy0, core_w=cx1 - cx0, core_h=cy1 - cy0,
+                    index=len(rois),
+                    row=row,
+                    col=col,
+                    l0_x=round(col * stride * f),
+                    l0_y=round(row * stride * f),
+                    l0_w=l0_roi,
+                    l0_h=l0_roi,
+                    core_x=cx0,
+                    core_y=cy0,
+                    core_w=cx1 - cx0,
+                    core_h=cy1 - cy0,
                 )
             )
     logger.debug(
         "ROI grid %dx%d at %.3f mpp (level %d, scale %.3f): %d of %d kept",
-        grid_cols, grid_rows, target_mpp, choice.level, choice.scale, len(rois),
+        grid_cols,
+        grid_rows,
+        target_mpp,
+        choice.level,
+        choice.scale,
+        len(rois),
         grid_cols * grid_rows,
     )
+    warning = coarse_slide_warning(info, target_mpp)
+    if warning:
+        logger.warning("%s", warning)
     return RoiPlan(
-        rois=tuple(rois), target_mpp=target_mpp, roi_px=roi_px, overlap_px=overlap_px,
-        level=choice.level, l0_per_px=f, mpp=f * info.mpp, grid_cols=grid_cols, grid_rows=grid_rows,
+        rois=tuple(rois),
+        target_mpp=target_mpp,
+        roi_px=roi_px,
+        overlap_px=overlap_px,
+        level=choice.level,
+        l0_per_px=f,
+        mpp=choice.mpp,
+        grid_cols=grid_cols,
+        grid_rows=grid_rows,
+        warnings=(warning,) if warning else (),
     )
 
 
@@ -313,4 +346,3 @@ def _core_bounds(l0_size: int, f: float, roi_px: int, stride: int, half: int) ->
     n = max(1, math.ceil((size_px - roi_px) / stride) + 1) if size_px > roi_px else 1
     inner = [round((c * stride + half) * f) for c in range(1, n)]
     return [0, *[min(b, l0_size) for b in inner], l0_size]
-

@@ -1,7 +1,8 @@
 """Reading ROIs: raw JPEG tiles through DALI where the file allows, else OpenSlide.
 
 Every reader returns an ROI as a (roi_px, roi_px, 3) uint8 RGB array at the plan's mpp,
-white outside the slide. Both readers cut the same box from the same level (see
+white outside the slide: a level within 2 % of the target mpp as it is, any other level
+resampled to exactly the target mpp. Both readers cut the same box from the same level (see
 `_LevelGeometry`) and resample it the same way, so they differ only in how JPEG is
 decoded: for libjpeg-turbo on both sides (DALI CPU and OpenSlide), not at all. One
 exception: on a level whose downsample is not a whole number (odd level-0 sizes, Aperio's
@@ -35,7 +36,7 @@ from engines.errors import BackendUnavailableError
 from worker.decode import JpegDecodeError, JpegDecoder, dali_available, default_device, jpeg_stream
 from worker.errors import SlideReadError
 from worker.pipeline.plan import Roi
-from worker.slide import LevelChoice, Slide, SlideInfo, level_for_mpp
+from worker.slide import MPP_TOLERANCE, LevelChoice, Slide, SlideInfo, level_for_mpp
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +67,12 @@ class RoiReader(Protocol):
 class _LevelGeometry:
     """Where an ROI lies on the level it is read from, and the final resample.
 
-    An ROI at level-0 (x, y) becomes the level box at (round(x / ds), round(y / ds)) of
-    side round(roi_px * scale) level pixels (exactly roi_px when the level is within
-    tolerance), shrunk (INTER_AREA) or enlarged (INTER_LINEAR) to roi_px.
+    An ROI at level-0 (x, y) becomes the level box at (round(x / ds), round(y / ds)).
+    When the level is within tolerance of the target, the box is roi_px level pixels, read
+    as is. Otherwise it is ceil(roi_px * scale) level pixels, resampled by exactly
+    1 / scale (INTER_AREA to shrink, INTER_LINEAR to enlarge) and cut to roi_px, so each
+    output pixel spans exactly `scale` level pixels: the ROI is at the target mpp, not at
+    the mpp that rounding the box to whole pixels would give.
     """
 
     def __init__(self, info: SlideInfo, target_mpp: float, roi_px: int, tolerance: float) -> None:
@@ -77,7 +81,14 @@ class _LevelGeometry:
         self.info = info
         self.roi_px = roi_px
         self.choice: LevelChoice = level_for_mpp(info, target_mpp, tolerance)
-        self.lvl_roi_px = roi_px if self.choice.scale == 1.0 else round(roi_px * self.choice.scale)
+        scale = self.choice.scale
+        # The 1e-9 keeps a box of exactly roi_px * scale pixels from growing by rounding.
+        self.lvl_roi_px = roi_px if scale == 1.0 else math.ceil(roi_px * scale - 1e-9)
+
+    @property
+    def mpp(self) -> float:
+        """Microns per pixel of the ROIs read (see `LevelChoice.mpp`)."""
+        return self.choice.mpp
 
     def lvl_origin(self, roi: Roi) -> tuple[int, int]:
         """Top-left of the ROI in pixels of the chosen level."""
@@ -86,14 +97,18 @@ class _LevelGeometry:
 
     def to_target(self, lvl_image: np.ndarray) -> np.ndarray:
         """Resample a (lvl_roi_px, lvl_roi_px, 3) level image to (roi_px, roi_px, 3)."""
-        if self.lvl_roi_px == self.roi_px:
+        scale = self.choice.scale
+        if scale == 1.0:
             return lvl_image
-        shrink = self.lvl_roi_px > self.roi_px
-        return cv2.resize(
+        # fx, fy without dsize: OpenCV maps output pixels with exactly this factor.
+        out = cv2.resize(
             lvl_image,
-            (self.roi_px, self.roi_px),
-            interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
+            None,
+            fx=1.0 / scale,
+            fy=1.0 / scale,
+            interpolation=cv2.INTER_AREA if scale > 1.0 else cv2.INTER_LINEAR,
         )
+        return np.ascontiguousarray(out[: self.roi_px, : self.roi_px])
 
     def where(self, roi: Roi) -> str:
         return f"ROI {roi.index} at level-0 ({roi.l0_x}, {roi.l0_y}) of {self.info.path}"
@@ -112,7 +127,7 @@ class OpenSlideReader(_LevelGeometry):
     name = "openslide"
 
     def __init__(
-        self, slide: Slide, target_mpp: float, roi_px: int, tolerance: float = 0.1
+        self, slide: Slide, target_mpp: float, roi_px: int, tolerance: float = MPP_TOLERANCE
     ) -> None:
         super().__init__(slide.info, target_mpp, roi_px, tolerance)
         self._slide = slide
@@ -250,7 +265,7 @@ class TileReader(_LevelGeometry):
         target_mpp: float,
         roi_px: int,
         device: str = "cpu",
-        tolerance: float = 0.1,
+        tolerance: float = MPP_TOLERANCE,
         num_threads: int = 2,
         layout: JpegTileLayout | None = None,
     ) -> None:
@@ -381,7 +396,7 @@ def make_reader(
     roi_px: int,
     prefer: str = "auto",
     device: str | None = None,
-    tolerance: float = 0.1,
+    tolerance: float = MPP_TOLERANCE,
     num_threads: int = 2,
 ) -> TileReader | OpenSlideReader:
     """The reader for a slide: raw tiles through DALI where the level allows, else OpenSlide.
@@ -424,8 +439,13 @@ def make_reader(
         logger.info("DALI is not installed: reading %s through OpenSlide", slide.info.path)
         return OpenSlideReader(slide, target_mpp, roi_px, tolerance)
     return TileReader(
-        slide, target_mpp, roi_px, device=device or default_device(), tolerance=tolerance,
-        num_threads=num_threads, layout=layout,
+        slide,
+        target_mpp,
+        roi_px,
+        device=device or default_device(),
+        tolerance=tolerance,
+        num_threads=num_threads,
+        layout=layout,
     )
 
 

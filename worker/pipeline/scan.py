@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engines.batcher import DynamicBatcher
+from engines.contract import SCAN_MODELS, check_scan_models, check_scan_repository
 from engines.model import Model
 from engines.postprocess import decode_yolo
 from engines.preprocess import cut_crops, to_input
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAMES = ("cell_detector", "cell_classifier", "roi_classifier")
+MODEL_NAMES = SCAN_MODELS
 
 ChunkSink = Callable[[list[RoiResult], list[CellResult]], None]
 Progress = Callable[[int, int], None]
@@ -60,8 +61,25 @@ class ScanModels:
 
     @classmethod
     def load(cls, repository: ModelRepository) -> ScanModels:
-        """Load each model's selected version (raises ModelNotFoundError / ModelLoadError)."""
-        return cls(*(repository.load(name) for name in MODEL_NAMES))
+        """Check that the three models fit together, then load each one's selected version.
+
+        Raises:
+            ModelNotFoundError, ModelConfigError, ModelLoadError: as `ModelRepository.load`.
+            ModelContractError: the models do not fit together (labels, severity order,
+                tensor names and sizes, mpp); checked from the configs before any loads.
+        """
+        check_scan_repository(repository, MODEL_NAMES)
+        loaded: list[Model] = []
+        try:
+            for name in MODEL_NAMES:
+                loaded.append(repository.load(name))
+            # The files are read afresh per load: check what was actually loaded too.
+            check_scan_models(*(m.config for m in loaded), repository.path)
+        except BaseException:
+            for model in loaded:
+                model.close()
+            raise
+        return cls(*loaded)
 
     def versions(self) -> dict[str, int]:
         """Model name -> version used, for the scan row."""
@@ -110,6 +128,7 @@ class ScanOutcome:
     timings_ms: dict[str, float]
     rois_planned: int
     reader: str
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -160,17 +179,31 @@ class ScanPipeline:
         self.target_mpp = det.preprocessing.mpp
         self.roi_px = det.preprocessing.input_size[0]
         self.crop_px = cls.preprocessing.input_size[0]
-        # The classifier sees a fixed physical field: its input size at its own mpp.
-        self.crop_field_px = round(self.crop_px * cls.preprocessing.mpp / self.target_mpp)
-        if self.options.overlap_px < self.crop_field_px:
-            raise ValueError(
-                f"ROI overlap {self.options.overlap_px} px is smaller than the classifier's "
-                f"{self.crop_field_px} px field: crops of cells near ROI borders would be cut"
-            )
+        # The crop field at the target mpp; a slide read as is (within 2 % of it) gets its
+        # own, from the mpp its ROIs are delivered at (`crop_field_for`).
+        self.crop_field_px = self.crop_field_for(self.target_mpp)
         self.labels = tuple(cls.labels)
+        # The slide-level rules go from least to most severe: the declared order (the
+        # model contract requires one), else the labels' own.
+        self.severity = tuple(cls.severity or cls.labels)
         post = det.postprocessing
         self.conf_threshold = float(post.get("conf_threshold", 0.25))
         self.iou_threshold = float(post.get("iou_threshold", 0.5))
+
+    def crop_field_for(self, mpp: float) -> int:
+        """The classifier's field in ROI pixels at `mpp`: its input size at its own mpp.
+
+        Raises:
+            ValueError: the field is wider than the ROI overlap, so crops of cells near ROI
+                borders would be cut.
+        """
+        field_px = round(self.crop_px * self.models.cell_classifier.config.preprocessing.mpp / mpp)
+        if self.options.overlap_px < field_px:
+            raise ValueError(
+                f"ROI overlap {self.options.overlap_px} px is smaller than the classifier's "
+                f"{field_px} px field: crops of cells near ROI borders would be cut"
+            )
+        return field_px
 
     def run(self, slide: Slide, sink: ChunkSink, progress: Progress | None = None) -> ScanOutcome:
         """Scan a slide; `sink` receives each chunk of ROIs and cells, in ROI order.
@@ -186,15 +219,17 @@ class ScanPipeline:
                 slide.info, mask, self.target_mpp, self.roi_px, self.options.overlap_px
             )
         rois = plan.rois
+        crop_field_px = self.crop_field_for(plan.mpp)  # in pixels as delivered
         reader = make_reader(slide, self.target_mpp, self.roi_px, prefer=self.options.reader)
         logger.info(
-            "planned %d ROIs of %d px at %.2f mpp; reader %s",
+            "planned %d ROIs of %d px at %.3f mpp (level %d); reader %s",
             len(rois),
             self.roi_px,
-            self.target_mpp,
+            plan.mpp,
+            plan.level,
             reader.name,
         )
-        aggregator = SlideAggregator(self.labels, top_k=self.options.top_k)
+        aggregator = SlideAggregator(self.severity, top_k=self.options.top_k)
         done = 0
         if progress:
             progress(0, len(rois))
@@ -205,7 +240,7 @@ class ScanPipeline:
                     read_ahead(_timed(reader, clock), rois, depth=self.options.read_ahead),
                     self._detector_batch(),
                 ):
-                    pending.extend(self._detect(batch, clock))
+                    pending.extend(self._detect(batch, crop_field_px, clock))
                     if (
                         len(pending) >= self.options.chunk_rois
                         or self._pending_cells(pending)
@@ -229,7 +264,9 @@ class ScanPipeline:
                 p.cell_outputs.cancel()
             reader.close()
         clock.ms["total"] = (time.perf_counter() - start) * 1000
-        return ScanOutcome(aggregator.summary(), clock.rounded(), len(rois), reader.name)
+        return ScanOutcome(
+            aggregator.summary(), clock.rounded(), len(rois), reader.name, list(plan.warnings)
+        )
 
     def _detector_batch(self) -> int:
         return max(1, self.models.detector.config.max_batch_size)
@@ -238,7 +275,7 @@ class ScanPipeline:
     def _pending_cells(pending: list[_Pending]) -> int:
         return sum(len(p.det_scores) for p in pending)
 
-    def _detect(self, batch: list, clock: StageClock) -> list[_Pending]:
+    def _detect(self, batch: list, crop_field_px: int, clock: StageClock) -> list[_Pending]:
         images = np.stack([image for _, image in batch])
         det_model = self.models.detector
         with clock.stage("detect"):
@@ -254,7 +291,7 @@ class ScanPipeline:
                     det, (roi.l0_x, roi.l0_y), l0_per_px, roi.l0_core
                 )
                 centres = (det.boxes[kept, :2] + det.boxes[kept, 2:]) / 2
-                crops = cut_crops(image, centres, self.crop_field_px, self.crop_px)
+                crops = cut_crops(image, centres, crop_field_px, self.crop_px)
                 out.append(
                     _Pending(
                         roi.index,

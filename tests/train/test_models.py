@@ -12,6 +12,9 @@ from train.models.mil import AttentionMil, masked_softmax
 SMALL_KWARGS: dict[str, dict] = {
     "cvm_cervix": {"img_size": 64},
     "global_local_roi": {"backbone": "resnet18", "embed_dim": 32, "attn_dim": 32, "num_heads": 4},
+    # lite1/lite2 starts are in the optional `pretrained` extra; CI installs only lite0
+    "efficientnet_lite1_cell": {"pretrained": False},
+    "efficientnet_lite2_cell": {"pretrained": False},
 }
 SEED_MODELS = ("se_cellnet_small", "se_cellnet_tiny")
 

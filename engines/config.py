@@ -574,7 +574,11 @@ class _Parser:
         )
 
     def check_preprocessing_matches_input(self, config: ModelConfig) -> None:
-        """The preprocessing block describes input[0]: its channels and size must agree."""
+        """The preprocessing block describes input[0]: its channels and size must agree.
+
+        A batched model's input[0] may also be a set of such images per item, `[-1, C, H,
+        W]` (an ROI's cell crops), each image preprocessed alike.
+        """
         pre = config.preprocessing
         if pre is None:
             return
@@ -584,10 +588,14 @@ class _Parser:
         width, height = pre.input_size
         image = [3, height, width] if pre.layout == "NCHW" else [height, width, 3]
         expected = batch + image
-        agrees = len(spec.dims) == len(expected) and all(
-            -1 in (have, want) or have == want
-            for have, want in zip(spec.dims, expected, strict=False)
-        )
+
+        def fits(dims: list[int]) -> bool:
+            return len(spec.dims) == len(dims) and all(
+                -1 in (have, want) or have == want
+                for have, want in zip(spec.dims, dims, strict=True)
+            )
+
+        agrees = fits(expected) or (config.is_batched and fits([-1, *image]))
         if not agrees:
             raise self.fail(
                 "input[0].dims",

@@ -1,18 +1,28 @@
 """Whether the three models of a scan fit together, checked from their configs at load.
 
 A scan runs `cell_detector` on ROI images, cuts cell crops from those images for
-`cell_classifier`, and pools the classifier's per-cell `features` in `roi_classifier`. So:
+`cell_classifier`, and classifies each ROI from its cells with `roi_classifier`, which is
+of one of two kinds, told apart by its input names (`roi_kind`):
+
+- ``features``: it pools the classifier's per-cell `features` (attention MIL): inputs
+  `cell_features` [N, D] and `cell_mask` [N];
+- ``crops``: it reads the cells' pixels itself (paper 002's global-local network): inputs
+  `cells` [N, 3, S, S], crops it has the scan cut for it by its own `preprocessing` (mpp,
+  size, mean/std), and `mask` [N].
+
+So:
 
 - tensors: the detector takes `images` and returns `output0`; the cell classifier returns
-  `probs` and `features`; the ROI classifier takes `cell_features` and `cell_mask` and
-  returns `roi_probs` and `attention`;
+  `probs` (and `features` for a ``features`` ROI classifier); the ROI classifier takes its
+  kind's inputs and returns `roi_probs` and `attention`;
 - sizes: `features` has as many values per cell as the last dimension of `cell_features`,
   and each classifier's class output has one value per label;
 - classes: both classifiers carry identical labels in the same order, and declare the same
   explicit `severity` order (least to most severe, the normal class first), which the
   slide-level rules follow;
 - resolution: the detector and the cell classifier expect the same mpp (the crops are cut
-  from the detector's ROI images).
+  from the detector's ROI images); a ``crops`` ROI classifier declares the mpp and size of
+  its crops (any field: they are cut from the detector's ROI images and resampled).
 
 `check_scan_models` raises `ModelContractError` (a `ModelLoadError`) with one sentence naming
 the repository, the two models and what differs.
@@ -23,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from engines.config import ModelConfig, TensorSpec
 from engines.errors import ModelContractError
@@ -36,8 +46,10 @@ SCAN_MODELS = ("cell_detector", "cell_classifier", "roi_classifier")
 DETECTOR_INPUTS = ("images",)
 DETECTOR_OUTPUTS = ("output0",)
 CLASSIFIER_OUTPUTS = ("probs", "features")
-ROI_INPUTS = ("cell_features", "cell_mask")
+#: The inputs of each kind of ROI classifier (`roi_kind`).
+ROI_INPUTS = {"features": ("cell_features", "cell_mask"), "crops": ("cells", "mask")}
 ROI_OUTPUTS = ("roi_probs", "attention")
+RoiKind = Literal["features", "crops"]
 #: Relative difference below which two mpp values count as the same.
 MPP_REL_TOL = 1e-6
 
@@ -68,11 +80,20 @@ def check_scan_models(
     def refuse(sentence: str) -> ModelContractError:
         return ModelContractError(f"{where}: {sentence}")
 
-    _check_tensors(detector, classifier, roi, refuse)
-    _check_sizes(classifier, roi, refuse)
+    kind = roi_kind(roi)
+    _check_tensors(detector, classifier, roi, kind, refuse)
+    _check_sizes(classifier, roi, kind, refuse)
     _check_labels(classifier, roi, refuse)
     _check_severity(classifier, roi, refuse)
     _check_mpp(detector, classifier, refuse)
+    if kind == "crops":
+        _check_crops(detector, roi, refuse)
+
+
+def roi_kind(roi: ModelConfig) -> RoiKind:
+    """``crops`` for an ROI classifier that takes the cells' crops (an input named `cells`),
+    else ``features`` (it pools the cell classifier's features)."""
+    return "crops" if any(spec.name == "cells" for spec in roi.inputs) else "features"
 
 
 def check_scan_repository(
@@ -118,19 +139,28 @@ _PURPOSE = {
     "features": "hand {partner} its cell features",
     "cell_features": "hand it {partner}'s cell features",
     "cell_mask": "mark which of {partner}'s cells are real in each padded ROI",
+    "cells": "hand it the crops of the cells {partner} finds",
+    "mask": "mark which of {partner}'s cells are real in each padded ROI",
     "roi_probs": "classify each ROI from {partner}'s cells",
     "attention": "weigh {partner}'s cells within each ROI",
 }
 
 
 def _check_tensors(
-    detector: ModelConfig, classifier: ModelConfig, roi: ModelConfig, refuse: _Refuse
+    detector: ModelConfig,
+    classifier: ModelConfig,
+    roi: ModelConfig,
+    kind: RoiKind,
+    refuse: _Refuse,
 ) -> None:
+    # A crops ROI classifier reads pixels: it needs no features, and its cells are the
+    # detector's.
+    classifier_outputs = CLASSIFIER_OUTPUTS if kind == "features" else ("probs",)
     wanted = (
         (detector, "input", DETECTOR_INPUTS, classifier),
         (detector, "output", DETECTOR_OUTPUTS, classifier),
-        (classifier, "output", CLASSIFIER_OUTPUTS, roi),
-        (roi, "input", ROI_INPUTS, classifier),
+        (classifier, "output", classifier_outputs, roi),
+        (roi, "input", ROI_INPUTS[kind], classifier if kind == "features" else detector),
         (roi, "output", ROI_OUTPUTS, classifier),
     )
     for config, kind, names, partner in wanted:
@@ -145,15 +175,16 @@ def _check_tensors(
                 )
 
 
-def _check_sizes(classifier: ModelConfig, roi: ModelConfig, refuse: _Refuse) -> None:
-    features = classifier.output("features").dims[-1]
-    cell_features = roi.input("cell_features").dims[-1]
-    if features != cell_features or features == -1:
-        raise refuse(
-            f"{classifier.name} and {roi.name} disagree on the cell feature size: "
-            f"{classifier.name}'s output 'features' has {_size(features)} per cell but "
-            f"{roi.name}'s input 'cell_features' takes {_size(cell_features)}"
-        )
+def _check_sizes(classifier: ModelConfig, roi: ModelConfig, kind: RoiKind, refuse: _Refuse) -> None:
+    if kind == "features":
+        features = classifier.output("features").dims[-1]
+        cell_features = roi.input("cell_features").dims[-1]
+        if features != cell_features or features == -1:
+            raise refuse(
+                f"{classifier.name} and {roi.name} disagree on the cell feature size: "
+                f"{classifier.name}'s output 'features' has {_size(features)} per cell but "
+                f"{roi.name}'s input 'cell_features' takes {_size(cell_features)}"
+            )
     for config, output in ((classifier, "probs"), (roi, "roi_probs")):
         classes = config.output(output).dims[-1]
         if classes != len(config.labels):
@@ -222,4 +253,15 @@ def _check_mpp(detector: ModelConfig, classifier: ModelConfig, refuse: _Refuse) 
             f"{detector.name} and {classifier.name} expect different resolutions: "
             f"{detector.name} {det_mpp:g} µm/px, {classifier.name} {cls_mpp:g} µm/px "
             "(the cell crops are cut from the detector's ROI images, so both must be equal)"
+        )
+
+
+def _check_crops(detector: ModelConfig, roi: ModelConfig, refuse: _Refuse) -> None:
+    """A crops ROI classifier must say how its crops are cut: their mpp and size (any
+    field fits: they are cut from the detector's ROI images and resampled)."""
+    if roi.preprocessing is None:
+        raise refuse(
+            f"{roi.name} takes cell crops but declares no preprocessing (the mpp, size, "
+            f"mean and std of its crops), so they cannot be cut from {detector.name}'s ROI "
+            "images"
         )

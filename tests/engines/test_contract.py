@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.contract import SCAN_MODELS, check_scan_models, check_scan_repository
+from engines.contract import SCAN_MODELS, check_scan_models, check_scan_repository, roi_kind
 from engines.errors import ModelContractError, ModelLoadError, PapscanError
 from engines.repository import ModelRepository, default_repository_path
 
@@ -176,3 +176,118 @@ def test_the_config_writers_declare_a_matching_severity(tmp_path: Path) -> None:
 
     write("roi_classifier", roi_config(labels, 64, severity=["NILM", "HSIL", "LSIL"]))
     assert "disagree on the severity order" in refusal(repo)
+
+
+# --- an ROI classifier of kind "crops" (paper 002's global-local network) ----------------
+
+
+def write_glan(repo: Path, **overrides: object) -> dict:
+    """Writes a global-local `roi_classifier` config (as `papscan export` of a rois run
+    does) into `repo`, with top-level `overrides` (None removes a key); returns it."""
+    import yaml
+
+    from train.export.configs import global_local_config
+
+    raw = global_local_config(32, ["NILM", "LSIL", "HSIL"], 3, mpp=1.5)
+    for key, value in overrides.items():
+        if value is None:
+            raw.pop(key)
+        else:
+            raw[key] = value
+    (repo / "roi_classifier" / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return raw
+
+
+def test_a_crops_roi_classifier_fits_at_any_field(repo_copy: Path) -> None:
+    """Cells, mask in; its crops' own mpp and size (32 px at 1.5 µm/px: a 48 µm field cut
+    from the detector's 0.5 µm/px ROI images), not the cell classifier's."""
+    write_glan(repo_copy)
+    detector, classifier, roi = check_scan_repository(ModelRepository(repo_copy))
+    assert roi_kind(roi) == "crops" and roi_kind(classifier) == "features"
+    assert roi.preprocessing is not None and roi.preprocessing.input_size == (32, 32)
+    assert roi.preprocessing.mpp != detector.preprocessing.mpp
+    assert roi.severity == classifier.severity == ("NILM", "LSIL", "HSIL")
+    # It reads pixels: the cell classifier need not hand it features.
+    edit_config(repo_copy, "cell_classifier", f"\n  - {FEATURES}", "")
+    check_scan_repository(ModelRepository(repo_copy))
+
+
+def _glan_io(raw: dict, part: str, name: str, new_name: str | None) -> list[dict]:
+    """`raw[part]` with tensor `name` renamed to `new_name` (None: removed)."""
+    specs = [dict(spec) for spec in raw[part] if new_name is not None or spec["name"] != name]
+    for spec in specs:
+        if spec["name"] == name:
+            spec["name"] = new_name
+    return specs
+
+
+def _glan_case(**overrides: object) -> Callable[[Path], None]:
+    def edit(repo: Path) -> None:
+        write_glan(repo, **overrides)
+
+    return edit
+
+
+def _glan_renamed(part: str, name: str, new_name: str | None) -> Callable[[Path], None]:
+    def edit(repo: Path) -> None:
+        raw = write_glan(repo)
+        write_glan(repo, **{part: _glan_io(raw, part, name, new_name)})
+
+    return edit
+
+
+CROPS_MISMATCHES: list[tuple[str, Callable[[Path], None], str]] = [
+    (
+        "no preprocessing",
+        _glan_case(preprocessing=None),
+        "roi_classifier takes cell crops but declares no preprocessing (the mpp, size, mean "
+        "and std of its crops), so they cannot be cut from cell_detector's ROI images",
+    ),
+    (
+        "labels differ",
+        _glan_case(labels=["NL", "LSIL", "HSIL"], severity=["NL", "LSIL", "HSIL"]),
+        "cell_classifier and roi_classifier carry different labels: cell_classifier has "
+        "[NILM, LSIL, HSIL], roi_classifier has [NL, LSIL, HSIL] (both must list the same "
+        "classes in the same order)",
+    ),
+    (
+        "severity differs",
+        _glan_case(severity=["NILM", "HSIL", "LSIL"]),
+        "cell_classifier and roi_classifier disagree on the severity order: cell_classifier "
+        "has [NILM, LSIL, HSIL], roi_classifier has [NILM, HSIL, LSIL]",
+    ),
+    (
+        "mask renamed",
+        _glan_renamed("input", "mask", "cell_mask"),
+        "roi_classifier has no input 'mask' (its inputs: cells, cell_mask), which the scan "
+        "needs to mark which of cell_detector's cells are real in each padded ROI",
+    ),
+    (
+        "no attention output",
+        _glan_renamed("output", "attention", None),
+        "roi_classifier has no output 'attention' (its outputs: roi_probs, cell_probs), which "
+        "the scan needs to weigh cell_classifier's cells within each ROI",
+    ),
+    (
+        "roi_probs size differs from labels",
+        _glan_case(
+            output=[
+                {"name": "roi_probs", "data_type": "TYPE_FP32", "dims": [4]},
+                {"name": "attention", "data_type": "TYPE_FP32", "dims": [-1]},
+            ]
+        ),
+        "roi_classifier's output 'roi_probs' has 4 values but its labels [NILM, LSIL, HSIL] "
+        "name 3 classes, so its classes cannot be matched with cell_classifier's",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [pytest.param(edit, message, id=case) for case, edit, message in CROPS_MISMATCHES],
+)
+def test_mismatched_crops_roi_classifiers_are_refused_in_one_sentence(
+    repo_copy: Path, edit: Callable[[Path], None], message: str
+) -> None:
+    edit(repo_copy)
+    assert refusal(repo_copy) == message

@@ -354,6 +354,12 @@ def test_rois_export_runs_through_engines(tmp_path: Path) -> None:
     # Without the bag settings of a real run there are no test ROIs to score: sizes only.
     assert report.fp16 is not None and report.fp16.fp32_accuracy is None
     assert report.fp16.note == "run.json names no cells_per_roi, crop_px"
+    # How the scan cuts its crops: without crop_px / mpp in run.json, input_px at 0.5 µm/px.
+    config = ModelRepository(tmp_path / "repo").config("roi_classifier")
+    assert config.preprocessing is not None and config.preprocessing.mpp == 0.5
+    assert config.preprocessing.input_size == (SIZE_PX, SIZE_PX)
+    assert list(config.preprocessing.mean) == MEAN and list(config.preprocessing.std) == STD
+    assert config.severity == config.labels == ("NILM", "LSIL", "HSIL")
     rng = np.random.default_rng(5)
     cells = rng.standard_normal((1, 3, 3, SIZE_PX, SIZE_PX)).astype(np.float32)
     mask = np.array([[1, 1, 0]], np.float32)

@@ -139,15 +139,20 @@ def global_local_config(
     cell_classes: int,
     max_batch_size: int = 16,
     *,
+    mpp: float,
+    mean: tuple[float, ...] = CLASSIFIER_MEAN,
+    std: tuple[float, ...] = CLASSIFIER_STD,
     name: str = "roi_classifier",
     precision: str = "FP16",
+    severity: list[str] | None = None,
 ) -> dict[str, Any]:
     """The global-local ROI network on cell crops: (`cells` [N, 3, S, S] normalised crops,
     `mask` [N] 1.0 on real cells, 0.0 on padding) -> `roi_probs`, `cell_probs` [N, cell_classes] and
     `attention` [N] (cross-attention score per cell). N, the cells per ROI, is dynamic.
 
-    Its input is not one image, so the config has no `preprocessing` block: the crops'
-    size, mean and std are in the model card.
+    `preprocessing` describes each crop as the scan cuts it: `input_px` square at `mpp`
+    (so a field of `input_px * mpp` µm around each cell), normalised with `mean` / `std`.
+    `severity` as in `classifier_config` (default: the labels' own order).
     """
     return {
         "name": name,
@@ -164,5 +169,14 @@ def global_local_config(
             {"name": "cell_probs", "data_type": "TYPE_FP32", "dims": [-1, cell_classes]},
             {"name": "attention", "data_type": "TYPE_FP32", "dims": [-1]},
         ],
+        "preprocessing": {
+            "mpp": mpp,
+            "input_size": [input_px, input_px],
+            "mean": list(mean),
+            "std": list(std),
+            "channel_order": "RGB",
+            "layout": "NCHW",
+        },
         "labels": list(labels),
+        "severity": list(labels if severity is None else severity),
     }

@@ -69,7 +69,8 @@ ONNX_TOLERANCE = 1e-4
 #: The model name a task's export gets unless one is given.
 DEFAULT_NAMES = {"cells": "cell_classifier", "rois": "roi_classifier"}
 #: Crop resolution written where a run does not record one: the pipeline cuts cell crops
-#: at the shipped classifier's 0.5 µm/px (the card says it was not recorded).
+#: at the shipped classifier's 0.5 µm/px, and ROI runs' bags are cut at the detector's
+#: 0.5 µm/px (the card says it was not recorded).
 DEFAULT_CELL_MPP = 0.5
 TENSORRT_PRECISIONS = {"fp16": "FP16", "int8": "INT8"}
 _CHECK_ITEMS = 64
@@ -593,14 +594,35 @@ def _export_global_local(
     )
     with torch.no_grad():
         _, cell_probs, _ = wrapper(*example)
+    # The bags' crops are `crop_px` squares cut at the detector's scale (`mpp`, else its
+    # 0.5 µm/px), resized to `input_px`: each network pixel spans crop_px / input_px of them.
+    cut_mpp = float(run.get("mpp") or DEFAULT_CELL_MPP)
+    crop_px = int(run.get("crop_px") or size)
+    mpp = cut_mpp * crop_px / size
     config = global_local_config(
-        size, list(run["classes"]), int(cell_probs.shape[-1]), name=name, precision=precision
+        size,
+        list(run["classes"]),
+        int(cell_probs.shape[-1]),
+        mpp=mpp,
+        mean=tuple(float(m) for m in run["mean"]),
+        std=tuple(float(s) for s in run["std"]),
+        name=name,
+        precision=precision,
     )
     architecture = {
         "name": run["arch"],
         "kwargs": run.get("arch_kwargs", {}),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "cell_crops": {"input_px": size, "mean": run["mean"], "std": run["std"]},
+        "cell_crops": {
+            "input_px": size,
+            "mpp": mpp,
+            "crop_px": crop_px,
+            "cut_mpp": cut_mpp,
+            "field_um": round(crop_px * cut_mpp, 3),
+            "recorded_by_run": [k for k in ("crop_px", "mpp") if k in run],
+            "mean": run["mean"],
+            "std": run["std"],
+        },
     }
     return _Exported(
         onnx_path,

@@ -2,7 +2,9 @@
 
 Reads run ahead on a thread pool (bounded), detection runs on ROI batches, each ROI's
 crops go to the cell classifier's dynamic batcher as soon as they are cut (it pools
-them from many ROIs into full batches and runs them while detection goes on), and results
+them from many ROIs into full batches and runs them while detection goes on), each ROI is
+classified from its cells' features or, for an ROI classifier of kind ``crops``
+(`engines.contract.roi_kind`), from crops cut again at its own field and size, and results
 leave in chunks of ROIs through a write-behind thread (bounded). Only a chunk's worth of
 ROIs, the read-ahead queue and the review heap are ever held, so memory stays flat
 whatever the slide size.
@@ -23,7 +25,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engines.batcher import DynamicBatcher
-from engines.contract import SCAN_MODELS, check_scan_models, check_scan_repository
+from engines.contract import (
+    ROI_INPUTS,
+    SCAN_MODELS,
+    check_scan_models,
+    check_scan_repository,
+    roi_kind,
+)
 from engines.model import Model
 from engines.postprocess import decode_yolo
 from engines.preprocess import cut_crops, to_input
@@ -36,6 +44,7 @@ from worker.pipeline.records import CellResult, RoiResult, SlideSummary
 from worker.slide import Slide
 
 if TYPE_CHECKING:
+    from engines.config import Preprocessing
     from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -99,8 +108,8 @@ class ScanOptions:
     """Knobs of one scan; defaults suit a laptop.
 
     Args:
-        overlap_px: ROI overlap at the detector's mpp; must be at least the classifier's
-            crop field so every kept cell's crop lies inside its ROI image.
+        overlap_px: ROI overlap at the detector's mpp; must be at least the classifiers'
+            crop fields so every kept cell's crop lies inside its ROI image.
         reader: "auto" (raw JPEG tiles through DALI where the level allows, else OpenSlide),
             "dali" or "openslide".
         read_ahead: ROIs read ahead of the detector.
@@ -140,6 +149,7 @@ class _Pending:
     l0_boxes: np.ndarray
     det_scores: np.ndarray
     cell_outputs: Future[dict[str, np.ndarray]]
+    roi_crops: np.ndarray | None = None  # uint8, for an ROI classifier of kind "crops"
 
 
 @dataclass
@@ -176,12 +186,18 @@ class ScanPipeline:
         self.options = options or ScanOptions()
         det = models.detector.config
         cls = models.cell_classifier.config
+        roi = models.roi_classifier.config
         self.target_mpp = det.preprocessing.mpp
         self.roi_px = det.preprocessing.input_size[0]
         self.crop_px = cls.preprocessing.input_size[0]
-        # The crop field at the target mpp; a slide read as is (within 2 % of it) gets its
+        # "features": the ROI classifier pools the cell classifier's features; "crops": it
+        # takes crops of its own field and size.
+        self.roi_kind = roi_kind(roi)
+        self.roi_crop_px = roi.preprocessing.input_size[0] if self.roi_kind == "crops" else 0
+        # The crop fields at the target mpp; a slide read as is (within 2 % of it) gets its
         # own, from the mpp its ROIs are delivered at (`crop_field_for`).
         self.crop_field_px = self.crop_field_for(self.target_mpp)
+        self.roi_field_px = self.roi_field_for(self.target_mpp)
         self.labels = tuple(cls.labels)
         # The slide-level rules go from least to most severe: the declared order (the
         # model contract requires one), else the labels' own.
@@ -197,10 +213,24 @@ class ScanPipeline:
             ValueError: the field is wider than the ROI overlap, so crops of cells near ROI
                 borders would be cut.
         """
-        field_px = round(self.crop_px * self.models.cell_classifier.config.preprocessing.mpp / mpp)
+        return self._field_px(self.models.cell_classifier.config.preprocessing, mpp, "classifier")
+
+    def roi_field_for(self, mpp: float) -> int:
+        """A ``crops`` ROI classifier's field in ROI pixels at `mpp` (0 for ``features``).
+
+        Raises:
+            ValueError: as `crop_field_for`.
+        """
+        if self.roi_kind != "crops":
+            return 0
+        prep = self.models.roi_classifier.config.preprocessing
+        return self._field_px(prep, mpp, "ROI classifier")
+
+    def _field_px(self, prep: Preprocessing, mpp: float, who: str) -> int:
+        field_px = round(prep.input_size[0] * prep.mpp / mpp)
         if self.options.overlap_px < field_px:
             raise ValueError(
-                f"ROI overlap {self.options.overlap_px} px is smaller than the classifier's "
+                f"ROI overlap {self.options.overlap_px} px is smaller than the {who}'s "
                 f"{field_px} px field: crops of cells near ROI borders would be cut"
             )
         return field_px
@@ -219,7 +249,7 @@ class ScanPipeline:
                 slide.info, mask, self.target_mpp, self.roi_px, self.options.overlap_px
             )
         rois = plan.rois
-        crop_field_px = self.crop_field_for(plan.mpp)  # in pixels as delivered
+        fields_px = (self.crop_field_for(plan.mpp), self.roi_field_for(plan.mpp))  # as delivered
         reader = make_reader(slide, self.target_mpp, self.roi_px, prefer=self.options.reader)
         logger.info(
             "planned %d ROIs of %d px at %.3f mpp (level %d); reader %s",
@@ -240,7 +270,7 @@ class ScanPipeline:
                     read_ahead(_timed(reader, clock), rois, depth=self.options.read_ahead),
                     self._detector_batch(),
                 ):
-                    pending.extend(self._detect(batch, crop_field_px, clock))
+                    pending.extend(self._detect(batch, fields_px, clock))
                     if (
                         len(pending) >= self.options.chunk_rois
                         or self._pending_cells(pending)
@@ -275,7 +305,10 @@ class ScanPipeline:
     def _pending_cells(pending: list[_Pending]) -> int:
         return sum(len(p.det_scores) for p in pending)
 
-    def _detect(self, batch: list, crop_field_px: int, clock: StageClock) -> list[_Pending]:
+    def _detect(self, batch: list, fields_px: tuple[int, int], clock: StageClock) -> list[_Pending]:
+        """Detects the cells of a batch of ROIs, cuts their crops and submits them to the
+        cell classifier; `fields_px` are the cell and ROI classifiers' crop fields."""
+        crop_field_px, roi_field_px = fields_px
         images = np.stack([image for _, image in batch])
         det_model = self.models.detector
         with clock.stage("detect"):
@@ -292,6 +325,14 @@ class ScanPipeline:
                 )
                 centres = (det.boxes[kept, :2] + det.boxes[kept, 2:]) / 2
                 crops = cut_crops(image, centres, crop_field_px, self.crop_px)
+                roi_crops = None
+                if self.roi_kind == "crops":
+                    same_cut = (roi_field_px, self.roi_crop_px) == (crop_field_px, self.crop_px)
+                    roi_crops = (
+                        crops
+                        if same_cut
+                        else cut_crops(image, centres, roi_field_px, self.roi_crop_px)
+                    )
                 out.append(
                     _Pending(
                         roi.index,
@@ -299,6 +340,7 @@ class ScanPipeline:
                         l0_boxes,
                         scores,
                         self._submit_cells(crops),
+                        roi_crops,
                     )
                 )
         return out
@@ -317,9 +359,8 @@ class ScanPipeline:
         with clock.stage("classify_cells"):  # waiting for the batcher's results
             outputs = [p.cell_outputs.result() for p in pending]
             probs = np.concatenate([o["probs"] for o in outputs])
-            features = np.concatenate([o["features"] for o in outputs])
         with clock.stage("classify_rois"):
-            roi_probs, attention = self._classify_rois(features, counts)
+            roi_probs, attention = self._classify_rois(pending, outputs)
         rois: list[RoiResult] = []
         cells: list[CellResult] = []
         offset = 0
@@ -339,32 +380,46 @@ class ScanPipeline:
         return rois, cells
 
     def _classify_rois(
-        self, features: np.ndarray, counts: list[int]
+        self, pending: list[_Pending], outputs: list[dict[str, np.ndarray]]
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """ROI probabilities `[R, C]` and per-ROI attention over its cells.
 
         An ROI without cells holds nothing abnormal: it is NILM with certainty and is not
         sent to the model (the attention pooling needs at least one cell).
         """
-        n_rois = len(counts)
-        roi_probs = np.zeros((n_rois, len(self.labels)), np.float32)
+        counts = [len(p.det_scores) for p in pending]
+        roi_probs = np.zeros((len(pending), len(self.labels)), np.float32)
         roi_probs[:, 0] = 1.0
         attention = [np.zeros(n, np.float32) for n in counts]
         with_cells = [i for i, n in enumerate(counts) if n]
         if not with_cells:
             return roi_probs, attention
-        width = max(counts)
-        starts = np.concatenate([[0], np.cumsum(counts)])
-        bags = np.zeros((len(with_cells), width, features.shape[1]), np.float32)
-        mask = np.zeros((len(with_cells), width), np.float32)
-        for row, i in enumerate(with_cells):
-            bags[row, : counts[i]] = features[starts[i] : starts[i + 1]]
-            mask[row, : counts[i]] = 1.0
-        out = self.models.roi_classifier.infer({"cell_features": bags, "cell_mask": mask})
+        out = self.models.roi_classifier.infer(self._roi_feed(pending, outputs, with_cells))
         for row, i in enumerate(with_cells):
             roi_probs[i] = out["roi_probs"][row]
             attention[i] = out["attention"][row, : counts[i]]
         return roi_probs, attention
+
+    def _roi_feed(
+        self, pending: list[_Pending], outputs: list[dict[str, np.ndarray]], rows: list[int]
+    ) -> dict[str, np.ndarray]:
+        """The ROI classifier's inputs for the ROIs `rows` (each with cells), padded to the
+        most cells among them: per cell, the cell classifier's `features` (kind
+        ``features``: `cell_features`, `cell_mask`) or the ROI classifier's own crop,
+        normalised per its preprocessing (kind ``crops``: `cells`, `mask`)."""
+        if self.roi_kind == "features":
+            cells = [outputs[i]["features"] for i in rows]
+        else:
+            prep = self.models.roi_classifier.config.preprocessing
+            cells = [to_input(pending[i].roi_crops, prep) for i in rows]
+        width = max(len(c) for c in cells)
+        bags = np.zeros((len(rows), width, *cells[0].shape[1:]), np.float32)
+        mask = np.zeros((len(rows), width), np.float32)
+        for row, c in enumerate(cells):
+            bags[row, : len(c)] = c
+            mask[row, : len(c)] = 1.0
+        cells_name, mask_name = ROI_INPUTS[self.roi_kind]
+        return {cells_name: bags, mask_name: mask}
 
     def _cell(self, p: _Pending, j: int, probs: np.ndarray, attention: float) -> CellResult:
         k = int(np.argmax(probs))

@@ -71,6 +71,7 @@ from train.data.labels import BETHESDA_TO_PAPSCAN, PAPSCAN_CLASSES
 from train.data.paths import PROJECT_ROOT, default_data_root
 from train.data.real_fields import REAL_SETS, SEVERITY, RealField, field_parts, load_real_set
 from train.data.scanner_crops import field_cell_crops, herlev_scanner_crops
+from train.loops.metrics import best_specificity_at_sensitivity, roc_auc, roc_curve
 from train.synth.slide import level_dimensions_for
 from worker.pipeline.records import CellResult, RoiResult
 from worker.pipeline.scan import ScanModels, ScanOptions, ScanPipeline
@@ -403,13 +404,13 @@ def cell_figures(
     pred = [labels[i] for i in np.argmax(probs, axis=1)] if len(probs) else []
     called_abn = np.array([p != labels[0] for p in pred], bool)
     rates = sm.binary_rates(truth_abn, called_abn)
-    best = sm.best_specificity_at_sensitivity(truth_abn, p_abn, CELL_ROC_SENSITIVITY)
+    best = best_specificity_at_sensitivity(truth_abn, p_abn, CELL_ROC_SENSITIVITY)
     grade_hits = [grade_of(p) == t for p, t in zip(pred, truth_grades, strict=True)]
     return {
         "accuracy": rates.accuracy,
         "sensitivity": rates.sensitivity,
         "specificity": rates.specificity,
-        "auc": sm.roc_auc(truth_abn, p_abn),
+        "auc": roc_auc(truth_abn, p_abn),
         "best_specificity_at_sensitivity": None if best is None else best[0],
         "best_specificity_threshold": None if best is None else best[1],
         "best_specificity_min_sensitivity": CELL_ROC_SENSITIVITY,
@@ -440,7 +441,7 @@ def field_figures(records: list[dict], threshold: float | None) -> dict[str, Any
         "sensitivity": rates.sensitivity,
         "specificity": rates.specificity,
         "accuracy": rates.accuracy,
-        "auc": sm.roc_auc(truth, scores),
+        "auc": roc_auc(truth, scores),
         "grade_accuracy": sm.ratio(sum(hits), len(hits)),
         "per_class_accuracy": per_class,
         "n_fields": len(records),
@@ -700,11 +701,11 @@ def plot_roc(
         (axes[1], cells, "cells (1 - P(normal))"),
     ):
         for name, (truth, scores) in curves.items():
-            curve = sm.roc_curve(truth, scores)
+            curve = roc_curve(truth, scores)
             if curve is None:
                 continue
             fpr, tpr, _ = curve
-            auc = sm.roc_auc(truth, scores)
+            auc = roc_auc(truth, scores)
             ax.plot(
                 fpr,
                 tpr,

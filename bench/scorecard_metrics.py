@@ -96,57 +96,6 @@ def rates_at_threshold(truth: np.ndarray, scores: np.ndarray, threshold: float) 
     return binary_rates(truth, np.asarray(scores, np.float64) >= threshold)
 
 
-def roc_curve(
-    truth: np.ndarray, scores: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """False- and true-positive rates at every distinct score used as a threshold.
-
-    Returns:
-        `(fpr, tpr, thresholds)`, thresholds descending from +inf (nothing called), so the
-        curve runs from (0, 0) to (1, 1); None without both positives and negatives.
-    """
-    truth = np.asarray(truth, bool)
-    scores = np.asarray(scores, np.float64)
-    pos, neg = int(truth.sum()), int((~truth).sum())
-    if not pos or not neg:
-        return None
-    order = np.argsort(-scores, kind="stable")
-    s, t = scores[order], truth[order]
-    last_of_value = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # ties move together
-    tps = np.cumsum(t)[last_of_value]
-    fps = np.cumsum(~t)[last_of_value]
-    tpr = np.r_[0.0, tps / pos]
-    fpr = np.r_[0.0, fps / neg]
-    thresholds = np.r_[np.inf, s[last_of_value]]
-    return fpr, tpr, thresholds
-
-
-def roc_auc(truth: np.ndarray, scores: np.ndarray) -> float | None:
-    """Area under the ROC curve (ties count half), or None without both classes."""
-    curve = roc_curve(truth, scores)
-    if curve is None:
-        return None
-    fpr, tpr, _ = curve
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-
-
-def best_specificity_at_sensitivity(
-    truth: np.ndarray, scores: np.ndarray, min_sensitivity: float
-) -> tuple[float, float] | None:
-    """The highest specificity any threshold reaches with sensitivity >= `min_sensitivity`.
-
-    Returns:
-        `(specificity, threshold)`, or None without both classes.
-    """
-    curve = roc_curve(truth, scores)
-    if curve is None:
-        return None
-    fpr, tpr, thresholds = curve
-    ok = np.flatnonzero(tpr >= min_sensitivity - 1e-12)
-    best = ok[np.argmin(fpr[ok])]  # the first (highest threshold) of the lowest fpr
-    return float(1.0 - fpr[best]), float(thresholds[best])
-
-
 def fit_threshold(
     truth: np.ndarray, scores: np.ndarray, min_sensitivity: float = 0.95
 ) -> float | None:

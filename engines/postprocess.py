@@ -95,3 +95,9 @@ def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     union = area_a[:, None] + area_b[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
+
+
+def box_centres(boxes_xyxy: np.ndarray) -> np.ndarray:
+    """`[N, 2]` float32 centres `(x, y)` of `[N, 4]` boxes `(x0, y0, x1, y1)`."""
+    b = np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)
+    return np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], 1)

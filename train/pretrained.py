@@ -15,7 +15,6 @@ it and checked against a SHA-256 recorded here:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from typing import Any
 import timm
 import torch
 from torch import nn
+
+from engines.hashing import file_sha256 as sha256_of
 
 #: Normalisation of the EfficientNet-Lite weights on the 0..255 scale (0.5 / 0.5 on 0..1).
 EFFICIENTNET_LITE_MEAN = (127.5, 127.5, 127.5)
@@ -97,15 +98,6 @@ STARTS: dict[str, PretrainedStart] = {
         "s", "18720b28f7d4e4307b6f3031e1036e5e7b8036cc8cceb6e18ecc14b575fe3786"
     ),
 }
-
-
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def locate_start(name: str) -> Path:

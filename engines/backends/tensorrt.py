@@ -45,7 +45,6 @@ from engines.backends.tensorrt_plan import (
     build_record_path,
     check_io,
     file_lock,
-    file_sha256,
     gpu_arch,
     int8_calibration_cache,
     is_writable,
@@ -59,6 +58,7 @@ from engines.backends.tensorrt_plan import (
     write_atomically,
 )
 from engines.errors import BackendUnavailableError, ModelInputError, ModelLoadError
+from engines.hashing import file_sha256
 from engines.tensors import cuda_view, is_device_array
 
 if TYPE_CHECKING:

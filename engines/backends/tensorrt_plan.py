@@ -236,15 +236,6 @@ def user_cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("papscan"))
 
 
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def is_writable(folder: Path) -> bool:
     """Whether a file can be created in `folder` (tried, since permissions and read-only
     mounts both say no)."""

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from train.loops.metrics import best_specificity_at_sensitivity, roc_auc
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -97,12 +99,12 @@ def test_fit_threshold_is_the_highest_reaching_the_sensitivity() -> None:
 
 
 def test_roc_auc_and_best_specificity() -> None:
-    assert sm.roc_auc([1, 0, 1, 0], [0.8, 0.6, 0.4, 0.2]) == pytest.approx(0.75)
-    assert sm.roc_auc([1, 1, 0], [0.9, 0.8, 0.1]) == 1.0
-    assert sm.roc_auc([0, 0, 1], [0.9, 0.8, 0.1]) == 0.0
-    assert sm.roc_auc([1, 0, 1, 0], [0.5] * 4) == 0.5  # ties count half
-    assert sm.roc_auc([0, 0], [0.1, 0.2]) is None
-    spec, thr = sm.best_specificity_at_sensitivity(TRUTH, SCORES, 0.75)
+    assert roc_auc([1, 0, 1, 0], [0.8, 0.6, 0.4, 0.2]) == pytest.approx(0.75)
+    assert roc_auc([1, 1, 0], [0.9, 0.8, 0.1]) == 1.0
+    assert roc_auc([0, 0, 1], [0.9, 0.8, 0.1]) == 0.0
+    assert roc_auc([1, 0, 1, 0], [0.5] * 4) == 0.5  # ties count half
+    assert roc_auc([0, 0], [0.1, 0.2]) is None
+    spec, thr = best_specificity_at_sensitivity(TRUTH, SCORES, 0.75)
     assert spec == pytest.approx(2 / 3) and thr == 0.7
     rates = sm.binary_rates([1, 1, 0, 0], [1, 0, 0, 0])
     assert (rates.sensitivity, rates.specificity, rates.accuracy) == (0.5, 1.0, 0.75)

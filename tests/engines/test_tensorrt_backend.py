@@ -27,7 +27,6 @@ from engines.backends.tensorrt_plan import (
     build_key,
     build_record_path,
     check_io,
-    file_sha256,
     gpu_arch,
     int8_calibration_cache,
     is_writable,
@@ -42,6 +41,7 @@ from engines.backends.tensorrt_plan import (
 )
 from engines.config import ModelConfig, load_config
 from engines.errors import BackendUnavailableError, ModelInputError, ModelLoadError
+from engines.hashing import file_sha256
 from engines.repository import ModelRepository
 from tests.engines.conftest import (
     CLASSIFIER_CONFIG,

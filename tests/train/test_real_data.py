@@ -24,7 +24,7 @@ from train.data.real_fields import (
     worst,
 )
 from train.data.scanner_crops import field_cell_crops, herlev_scanner_crops, resample_to_mpp
-from train.loops.metrics import abnormal_report, roc_auc, specificity_at_sensitivity
+from train.loops.metrics import abnormal_report, best_specificity_at_sensitivity, roc_auc
 
 #: fields (and labelled points) each set holds in ../shared/data
 EXPECTED = {
@@ -205,8 +205,8 @@ def test_roc_auc_counts_pairs_and_ties():
     s = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.2])
     assert roc_auc(y, s) == pytest.approx(8 / 9)
     assert roc_auc(np.array([0, 1]), np.array([0.5, 0.5])) == 0.5
-    assert np.isnan(roc_auc(np.array([1, 1]), np.array([0.1, 0.2])))
-    spec, thr = specificity_at_sensitivity(y, s, 0.9)
+    assert roc_auc(np.array([1, 1]), np.array([0.1, 0.2])) is None
+    spec, thr = best_specificity_at_sensitivity(y, s, 0.9)
     assert (spec, thr) == (pytest.approx(2 / 3), 0.35)
     report = abnormal_report(y, s)
     assert (report["sensitivity"], report["specificity"]) == (pytest.approx(0.6667), 1.0)

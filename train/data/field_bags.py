@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engines.model import Model
+from engines.postprocess import box_centres
 from engines.preprocess import cut_crops, to_input
 from train.data.lbc import detect_field
 from train.data.real_fields import RealField
@@ -51,10 +52,7 @@ def field_bag(field: RealField, detector: Model, classifier: Model) -> FieldBag:
     image = resample_to_mpp(field.load(), field.mpp, prep.mpp)
     post = detector.config.postprocessing
     found = detect_field(detector, image, post["conf_threshold"], post["iou_threshold"])
-    centres = np.stack(
-        [(found.boxes[:, 0] + found.boxes[:, 2]) / 2, (found.boxes[:, 1] + found.boxes[:, 3]) / 2],
-        1,
-    )
+    centres = box_centres(found.boxes)
     c_prep = classifier.config.preprocessing
     field_px = round(c_prep.input_size[0] * c_prep.mpp / prep.mpp)
     crops = cut_crops(image, centres, field_px, c_prep.input_size[0])

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from engines.postprocess import box_centres
 from train.data.heldout import assign_parts, isbi_part
 from train.data.isbi import nucleus_boxes_from_labelmap
 from train.data.labels import BETHESDA_TO_PAPSCAN, CRIC_TO_BETHESDA, LBC_CLASSES, LBC_TO_BETHESDA
@@ -193,7 +194,7 @@ def isbi_fields(root: Path) -> list[RealField]:
     for path in sorted((base / "images").glob("EDF*.png")):
         labelmap = np.asarray(Image.open(base / "nuclei_labelmaps" / f"{path.stem}_GT.png"))
         boxes = nucleus_boxes_from_labelmap(labelmap)
-        centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1)
+        centres = box_centres(boxes)
         out.append(
             RealField(
                 "isbi2014",
@@ -202,7 +203,7 @@ def isbi_fields(root: Path) -> list[RealField]:
                 path,
                 ISBI_MPP,
                 None,
-                centres.astype(np.float32),
+                centres,
                 boxes=boxes,
                 exhaustive=True,
                 grey=True,
@@ -230,7 +231,7 @@ def lbc_nuclei_tiles(root: Path) -> list[RealField]:
     for path in sorted((base / "images").glob("*.jpg")):
         mask = np.asarray(Image.open(base / "masks" / path.name).convert("L")) > 127
         boxes = mask_boxes(mask)
-        centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1)
+        centres = box_centres(boxes)
         out.append(
             RealField(
                 "lbc_nuclei",
@@ -239,7 +240,7 @@ def lbc_nuclei_tiles(root: Path) -> list[RealField]:
                 path,
                 LBC_NUCLEI_MPP,
                 None,
-                centres.astype(np.float32),
+                centres,
                 boxes=boxes,
                 exhaustive=True,
             )
@@ -279,7 +280,7 @@ def sipakmed_metaplastic_fields(root: Path) -> list[RealField]:
     out = []
     for name in sorted(cells):
         boxes = np.array(cells[name], np.float32).reshape(-1, 4)
-        centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1)
+        centres = box_centres(boxes)
         out.append(
             RealField(
                 "sipakmed_metaplastic",
@@ -288,7 +289,7 @@ def sipakmed_metaplastic_fields(root: Path) -> list[RealField]:
                 base / "images" / name,
                 SIPAKMED_MPP,
                 "NILM",
-                centres.astype(np.float32),
+                centres,
             )
         )
     return out

@@ -8,7 +8,6 @@ optionally `.../model.pt2` (the exported PyTorch program).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import platform
@@ -21,19 +20,11 @@ from typing import Any
 
 import yaml
 
+from engines.hashing import file_sha256 as sha256_of
 from train.data.paths import PROJECT_ROOT
 from train.export.onnx_export import onnx_opset
 
 logger = logging.getLogger(__name__)
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def git_commit(cwd: Path = PROJECT_ROOT) -> str | None:

@@ -86,52 +86,55 @@ def detection_report(n_true: int, n_pred: int, n_matched: int) -> dict[str, floa
     }
 
 
-def roc_auc(positive: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve (the probability a positive outranks a negative; ties half).
+def roc_curve(
+    truth: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """False- and true-positive rates at every distinct score used as a threshold.
 
-    NaN where either class is absent.
+    Returns:
+        `(fpr, tpr, thresholds)`, thresholds descending from +inf (nothing called), so the
+        curve runs from (0, 0) to (1, 1); None without both positives and negatives.
     """
-    positive = np.asarray(positive, bool)
-    score = np.asarray(score, np.float64)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if not n_pos or not n_neg:
-        return float("nan")
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score), np.float64)
-    sorted_scores = score[order]
-    # average ranks of ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    truth = np.asarray(truth, bool)
+    scores = np.asarray(scores, np.float64)
+    pos, neg = int(truth.sum()), int((~truth).sum())
+    if not pos or not neg:
+        return None
+    order = np.argsort(-scores, kind="stable")
+    s, t = scores[order], truth[order]
+    last_of_value = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # ties move together
+    tps = np.cumsum(t)[last_of_value]
+    fps = np.cumsum(~t)[last_of_value]
+    tpr = np.r_[0.0, tps / pos]
+    fpr = np.r_[0.0, fps / neg]
+    thresholds = np.r_[np.inf, s[last_of_value]]
+    return fpr, tpr, thresholds
 
 
-def roc_points(
-    positive: np.ndarray, score: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(false-positive rate, true-positive rate, threshold) at each distinct score, from
-    the highest threshold down (a case is called positive when its score >= threshold)."""
-    positive = np.asarray(positive, bool)
-    score = np.asarray(score, np.float64)
-    thresholds = np.unique(score)[::-1]
-    n_pos, n_neg = max(int(positive.sum()), 1), max(int((~positive).sum()), 1)
-    tpr = np.array([(positive & (score >= t)).sum() / n_pos for t in thresholds])
-    fpr = np.array([(~positive & (score >= t)).sum() / n_neg for t in thresholds])
-    return np.r_[0.0, fpr], np.r_[0.0, tpr], np.r_[np.inf, thresholds]
+def roc_auc(truth: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the ROC curve (ties count half), or None without both classes."""
+    curve = roc_curve(truth, scores)
+    if curve is None:
+        return None
+    fpr, tpr, _ = curve
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
-def specificity_at_sensitivity(
-    positive: np.ndarray, score: np.ndarray, min_sensitivity: float
-) -> tuple[float, float]:
-    """The best specificity reachable with sensitivity >= `min_sensitivity`, and the
-    (highest) score threshold that reaches it; (nan, nan) where a class is absent."""
-    positive = np.asarray(positive, bool)
-    if positive.all() or not positive.any():
-        return float("nan"), float("nan")
-    fpr, tpr, thr = roc_points(positive, score)
-    ok = np.flatnonzero(tpr >= min_sensitivity)
-    i = ok[np.argmin(fpr[ok])]
-    return float(1.0 - fpr[i]), float(thr[i])
+def best_specificity_at_sensitivity(
+    truth: np.ndarray, scores: np.ndarray, min_sensitivity: float
+) -> tuple[float, float] | None:
+    """The highest specificity any threshold reaches with sensitivity >= `min_sensitivity`.
+
+    Returns:
+        `(specificity, threshold)`, or None without both classes.
+    """
+    curve = roc_curve(truth, scores)
+    if curve is None:
+        return None
+    fpr, tpr, thresholds = curve
+    ok = np.flatnonzero(tpr >= min_sensitivity - 1e-12)
+    best = ok[np.argmin(fpr[ok])]  # the first (highest threshold) of the lowest fpr
+    return float(1.0 - fpr[best]), float(thresholds[best])
 
 
 def abnormal_report(
@@ -142,7 +145,8 @@ def abnormal_report(
     positive = np.asarray(positive, bool)
     called = np.asarray(score) >= threshold
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    spec90, thr90 = specificity_at_sensitivity(positive, score, 0.90)
+    auc = roc_auc(positive, score)
+    spec90, thr90 = best_specificity_at_sensitivity(positive, score, 0.90) or (np.nan, np.nan)
 
     def r(v: float) -> float:
         return round(float(v), 4)
@@ -154,7 +158,7 @@ def abnormal_report(
         "accuracy": r((called == positive).mean()) if len(positive) else float("nan"),
         "sensitivity": r((called & positive).sum() / n_pos) if n_pos else float("nan"),
         "specificity": r((~called & ~positive).sum() / n_neg) if n_neg else float("nan"),
-        "roc_auc": r(roc_auc(positive, score)),
+        "roc_auc": r(np.nan if auc is None else auc),
         "specificity_at_sensitivity_0.90": r(spec90),
         "threshold_at_sensitivity_0.90": r(thr90),
     }

@@ -84,7 +84,30 @@ class ConvBlock(nn.Module):
         return self.pool(x)
 
 
-class SeCellNet(nn.Module):
+class EmbeddingClassifier(nn.Module):
+    """A cell classifier that returns `(logits, features)`: subclasses define
+    `forward_features` (image -> `embed_dim` embedding), `drop` and `head`. The scan's
+    ROI classifier consumes the features; the classes come from the head."""
+
+    embed_dim: int
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Embedding -> logits `[B, num_classes]` (or the embedding if `pre_logits`)."""
+        if pre_logits:
+            return features
+        return self.head(self.drop(features))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return `(logits [B, C], features [B, embed_dim])`."""
+        features = self.forward_features(x)
+        logits = self.forward_head(features)
+        return logits, features
+
+
+class SeCellNet(EmbeddingClassifier):
     """Stem (stride 2) + four `ConvBlock` stages + GAP + embedding + linear head.
 
     Args:
@@ -148,18 +171,6 @@ class SeCellNet(nn.Module):
         x = self.stages(x)
         x = self.pool(x).flatten(1)
         return self.embed(x)
-
-    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Embedding -> logits `[B, num_classes]` (or the embedding if `pre_logits`)."""
-        if pre_logits:
-            return features
-        return self.head(self.drop(features))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return `(logits [B, C], features [B, embed_dim])`."""
-        features = self.forward_features(x)
-        logits = self.forward_head(features)
-        return logits, features
 
 
 class CellClassifierExport(nn.Module):

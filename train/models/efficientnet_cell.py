@@ -22,6 +22,7 @@ import timm
 import torch
 from torch import nn
 
+from train.models.cell_cnn import EmbeddingClassifier
 from train.models.registry import register_model
 from train.pretrained import (
     EFFICIENTNET_LITE_MEAN,
@@ -31,7 +32,7 @@ from train.pretrained import (
 )
 
 
-class EfficientNetLiteCell(nn.Module):
+class EfficientNetLiteCell(EmbeddingClassifier):
     """EfficientNet-Lite backbone + GAP + projection to `embed_dim` + linear head.
 
     Args:
@@ -85,18 +86,6 @@ class EfficientNetLiteCell(nn.Module):
         """`[B, 3, H, W]` -> `[B, embed_dim]` embedding."""
         x = self.backbone(x)  # no classifier: globally pooled [B, num_features]
         return self.embed(x)
-
-    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Embedding -> logits `[B, num_classes]` (or the embedding if `pre_logits`)."""
-        if pre_logits:
-            return features
-        return self.head(self.drop(features))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return `(logits [B, C], features [B, embed_dim])`."""
-        features = self.forward_features(x)
-        logits = self.forward_head(features)
-        return logits, features
 
 
 @register_model

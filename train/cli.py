@@ -72,6 +72,30 @@ def defaults(
         ),
     ] = None,
     threads: Annotated[int, typer.Option("--threads", help="Torch CPU threads.")] = 2,
+    from_scratch: Annotated[
+        bool,
+        typer.Option(
+            "--from-scratch",
+            help="Random initial weights for the detector (pico YAML) and the cell encoder, "
+            "instead of the packaged nucleus (AGPL-3.0) and ImageNet (Apache-2.0) starts.",
+        ),
+    ] = False,
+    detector_weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--detector-weights",
+            help="Export and evaluate these trained ultralytics weights instead of training "
+            "the detector (e.g. runs/train_defaults_seed0/detector/detector/weights/last.pt).",
+        ),
+    ] = None,
+    stage: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--stage",
+            help="Only these models, in order (detector, classifier, roi; repeatable). "
+            "The roi stage reads the detector and classifier already in --out.",
+        ),
+    ] = None,
 ) -> None:
     """Train, evaluate and export the default cell_detector, cell_classifier and roi_classifier."""
     _log_to_terminal()
@@ -90,33 +114,35 @@ def defaults(
             data_root=data_root,
             command=command,
             num_threads=threads,
+            from_scratch=from_scratch,
+            detector_weights=detector_weights,
+            **({"stages": tuple(stage)} if stage else {}),
         )
-    except (PapscanError, FileNotFoundError) as exc:
+    except (PapscanError, FileNotFoundError, ValueError) as exc:
         Console(stderr=True).print(f"[bold red]papscan:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
     table = Table(title=f"default models -> {out}")
     table.add_column("model")
     table.add_column("held-out figures")
-    det = summary["cell_detector"]["metrics"]
-    s, s25 = det["synthetic_held_out"], det["synthetic_held_out_at_conf_0.25"]
-    table.add_row(
-        "cell_detector",
-        f"synthetic at conf {det['conf_threshold_shipped']:.2f}: recall {s['recall']:.3f} "
-        f"precision {s['precision']:.3f}; at conf 0.25: recall {s25['recall']:.3f} "
-        f"precision {s25['precision']:.3f}; mAP50 "
-        f"{det['synthetic_held_out_ultralytics']['map50']:.3f}",
-    )
-    cls = summary["cell_classifier"]["metrics"]
-    herlev = cls.get("herlev_held_out", {}).get("accuracy")
-    table.add_row(
-        "cell_classifier",
-        f"synthetic accuracy {cls['synthetic_held_out']['accuracy']:.3f}"
-        + (f", Herlev accuracy {herlev:.3f}" if herlev is not None else ""),
-    )
-    roi = summary["roi_classifier"]["metrics"]["synthetic_held_out"]
-    table.add_row("roi_classifier", f"synthetic ROI accuracy {roi['accuracy']:.3f}")
+    for model in ("cell_detector", "cell_classifier", "roi_classifier"):
+        if model in summary:
+            table.add_row(model, held_out_line(summary[model]["metrics"]))
     Console().print(table)
     Console().print(f"total {summary['timings']['total_s']:.0f} s; timings {summary['timings']}")
+
+
+def held_out_line(metrics: dict) -> str:
+    """One line of a model's held-out figures (recall/precision or accuracy per data set)."""
+    parts = []
+    for name, m in metrics.items():
+        if not (isinstance(m, dict) and name.endswith("held_out")):
+            continue
+        set_name = name.removesuffix("_held_out")
+        if "recall" in m:
+            parts.append(f"{set_name} recall {m['recall']:.3f} precision {m['precision']:.3f}")
+        elif "accuracy" in m:
+            parts.append(f"{set_name} accuracy {m['accuracy']:.3f}")
+    return "; ".join(parts)
 
 
 # --- protocol runs: `train cells`, `train rois`, `train detector`, `evaluate` -------------

@@ -250,12 +250,15 @@ def test_engines_load_and_batch_the_export(tmp_path: Path) -> None:
     not (default_data_root() / "herlev").is_dir(), reason="../shared/data is absent"
 )
 def test_quick_defaults_end_to_end(tmp_path: Path) -> None:
-    """`papscan train defaults --quick` writes a loadable three-model repository (~2 min)."""
+    """`papscan train defaults --quick --from-scratch` writes a loadable three-model
+    repository from the real sets (~5 min; from scratch, so napari-nuclephaser, which CI
+    does not install, is not needed)."""
     out = tmp_path / "repository"
     env = {**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "ultralytics")}
     code = (
         "from train.cli import train_app; import sys; sys.argv=['papscan','train','defaults'];"
-        f"train_app(['defaults','--out','{out}','--quick','--work-dir','{tmp_path / 'work'}'])"
+        f"train_app(['defaults','--out','{out}','--quick','--from-scratch',"
+        f"'--work-dir','{tmp_path / 'work'}'])"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -263,7 +266,7 @@ def test_quick_defaults_end_to_end(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1500,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     from engines.repository import ModelRepository
@@ -282,3 +285,9 @@ def test_quick_defaults_end_to_end(tmp_path: Path) -> None:
         assert card["pytorch_artifact"]["sha256"] == sha256_of(out / name / "1" / "model.pt2")
         assert card["pytorch_artifact"]["onnx_vs_pytorch_max_abs_diff"] <= 1e-3
         assert card["quick"] is True and "metrics" in card
+    cards = {n: json.loads((out / n / "1" / "card.json").read_text()) for n in repo.model_names()}
+    assert cards["cell_detector"]["architecture"]["pretrained"] is None
+    assert cards["cell_classifier"]["architecture"]["pretrained"] is None
+    assert "cric_held_out" in cards["cell_classifier"]["metrics"]
+    assert cards["roi_classifier"]["training_data"]["lbc"]["split"]["counts"]["test"] > 0
+    assert "lbc_held_out" in cards["roi_classifier"]["metrics"]

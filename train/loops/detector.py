@@ -36,8 +36,11 @@ class DetectorSettings:
     """ultralytics training settings for the nucleus detector (CPU-sized).
 
     Attributes:
-        model_yaml: Architecture YAML (built from scratch).
+        model_yaml: Architecture YAML (built from scratch when `start_weights` is None): a
+            file, or the name of one ultralytics ships (`yolo11n.yaml`).
         scale: Scale key inside the YAML.
+        start_weights: An ultralytics checkpoint to fine-tune instead (e.g. the YOLO11n
+            nucleus checkpoint `train.pretrained.nucleus_yolo_checkpoint`), or None.
         epochs: Training epochs.
         batch: Images per batch.
         imgsz: Training and export input size, px (square).
@@ -48,6 +51,7 @@ class DetectorSettings:
 
     model_yaml: str = str(DETECTOR_YAML)
     scale: str = "p"
+    start_weights: str | None = None
     epochs: int = 30
     batch: int = 16
     imgsz: int = 512
@@ -70,10 +74,15 @@ def train_detector(run_dir: Path, data_yaml: Path, settings: DetectorSettings, s
     import_ultralytics(run_dir / "ultralytics_config")
     from ultralytics import YOLO
 
-    yaml_copy = run_dir / f"papscan_yolo11{settings.scale}.yaml"
-    # ultralytics reads the scale from the file name (yolo11<scale>.yaml -> scale key).
-    shutil.copyfile(settings.model_yaml, yaml_copy)
-    model = YOLO(str(yaml_copy), task="detect")
+    if settings.start_weights:
+        model = YOLO(settings.start_weights, task="detect")
+    elif not Path(settings.model_yaml).is_file():  # one of ultralytics' own (yolo11n.yaml)
+        model = YOLO(settings.model_yaml, task="detect")
+    else:
+        yaml_copy = run_dir / f"papscan_yolo11{settings.scale}.yaml"
+        # ultralytics reads the scale from the file name (yolo11<scale>.yaml -> scale key).
+        shutil.copyfile(settings.model_yaml, yaml_copy)
+        model = YOLO(str(yaml_copy), task="detect")
     t0 = time.perf_counter()
     model.train(
         data=str(data_yaml),
@@ -89,7 +98,7 @@ def train_detector(run_dir: Path, data_yaml: Path, settings: DetectorSettings, s
         project=str(run_dir.resolve()),
         name="detector",
         exist_ok=True,
-        pretrained=False,
+        pretrained=bool(settings.start_weights),
         optimizer="AdamW",
         lr0=settings.lr0,
         cos_lr=True,
@@ -258,7 +267,10 @@ def evaluate_detector_onnx(
 def settings_dict(settings: DetectorSettings) -> dict[str, Any]:
     """Settings for the model card (the YAML path made relative to the project)."""
     d = asdict(settings)
-    d["model_yaml"] = "train/models/" + Path(settings.model_yaml).name
+    if Path(settings.model_yaml).is_file():
+        d["model_yaml"] = "train/models/" + Path(settings.model_yaml).name
+    if settings.start_weights:
+        d["start_weights"] = Path(settings.start_weights).name  # no machine paths on a card
     return d
 
 
@@ -303,4 +315,18 @@ def choose_conf_threshold(sweep: list[dict[str, Any]]) -> float:
         sweep,
         key=lambda row: (min(row["recall"], row["precision"]), -row["conf_threshold"]),
     )
+    return float(best["conf_threshold"])
+
+
+def choose_conf_for_recall(sweep: list[dict[str, Any]], min_precision: float) -> float:
+    """The threshold with the best recall at precision >= `min_precision` (the highest
+    threshold among ties); the balanced one (`choose_conf_threshold`) where none reaches it.
+
+    A screening detector that misses a nucleus loses the cell for good; a false detection
+    costs one crop the classifier calls NILM.
+    """
+    ok = [row for row in sweep if row["precision"] >= min_precision]
+    if not ok:
+        return choose_conf_threshold(sweep)
+    best = max(ok, key=lambda row: (row["recall"], row["conf_threshold"]))
     return float(best["conf_threshold"])

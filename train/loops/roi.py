@@ -52,6 +52,8 @@ class RoiSettings:
         weight_decay: AdamW weight decay.
         max_drop: Largest share of a bag's cells dropped per epoch.
         empty_fraction: Share of extra empty (NILM) bags per epoch.
+        balanced: Weight the loss by inverse class frequency (real ROI sets are mostly
+            negative).
     """
 
     epochs: int = 40
@@ -60,6 +62,7 @@ class RoiSettings:
     weight_decay: float = 1e-4
     max_drop: float = 0.5
     empty_fraction: float = 0.03
+    balanced: bool = False
 
 
 def pad_bags(bags: list[Bag], feature_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,7 +131,13 @@ def train_roi_classifier(
     steps_per_epoch = -(-int(len(train_bags) * (1 + settings.empty_fraction)) // settings.batch)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs * steps_per_epoch)
-    loss_fn = nn.CrossEntropyLoss()
+    weight = None
+    if settings.balanced:
+        counts = np.bincount([b.label for b in train_bags], minlength=len(class_names))
+        weight = torch.tensor(
+            len(train_bags) / (len(class_names) * np.maximum(counts, 1)), dtype=torch.float32
+        )
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
     empty = Bag(np.zeros((0, feature_dim), np.float32), np.zeros(0, np.int64))
     log = []
     for epoch in range(settings.epochs):

@@ -240,7 +240,8 @@ def describe_start(name: str) -> dict[str, Any]:
         "start": name,
         "package": start.distribution,
         "version": importlib.metadata.version(start.distribution),
-        "file": path.name,
-        "sha256": start.sha256,
+        # not `file`/`sha256`: those keys name a file of the version folder on a card
+        "weights_file": path.name,
+        "weights_sha256": start.sha256,
         "licence": start.licence,
     }

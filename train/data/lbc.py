@@ -14,21 +14,11 @@ model, `decode_yolo` with the config's thresholds) and cuts a fixed square aroun
 most confident ones, for the ROI networks.
 
 The detector's scale. It expects 0.5 µm/px. Each field is resized to `LBC_DETECT_SIZE_PX`
-= 768x576 before detection, which undoes the stretch (4:3, like the camera frame) and
-makes the frame 1.5x its ÷4 size, i.e. taking the 2048x1536 frame to be ~0.19 µm/px.
-Measured on 48 random fields with the shipped detector (v1, conf 0.45), cells found per
-field, mean (min-max), by the width the field is resized to at 4:3:
-512: 9.1 (1-27), 640: 15.6 (1-48), 768: 21.7 (1-62), 896: 26.2 (1-72), 1024: 30.3 (2-80);
-the count keeps rising with scale, so it does not pick the scale alone. Over all 693
-fields at 768x576 (the tiling below): 16.7 cells per field on average (0-66, median 13;
-NL 12.8, LSIL 18.6, HSIL 19.7, SCC 20.3 kept of 32), 14 fields with none. Looking at the
-boxes drawn on NL and HSIL fields: at 512 the boxes span nucleus and cytoplasm and merge
-neighbouring nuclei; at 768 they fit single nuclei (~19 px, ~9 µm: intermediate-cell and
-HSIL nuclei and leucocytes); at 1024 the larger HSIL nuclei start to be missed. The
-cytoplasm of superficial cells then measures ~80 µm, larger than the usual 40-60 µm, so
-the true scale may be nearer 1.0-1.25x; 1.5x is kept for the nuclei, which the detector
-and the classifier's fixed field depend on. The detector misses many pale squamous nuclei
-in NL fields whatever the scale: it was trained on synthetic fields and ISBI.
+= 512x384 before detection: the stored field with its 4:3 restored, which is the 2048x1536
+camera frame ÷4 and, by the size of its superficial cells (~90 px for 45-55 µm), about
+0.5 µm/px (`train.data.real_fields`, where the scorecard and the default ROI classifier
+take the same scale). An earlier detector, trained on synthetic cells, fitted LBC nuclei
+best at 768x576; the real-data detector finds them at their estimated size.
 
 Bags are cached as `<cache_dir>/lbc_bags_<key>.npz`, the key hashing the field files, the
 settings and the detector's files, since detection over all 693 fields takes ~70 s on two CPU cores.
@@ -57,7 +47,7 @@ from train.data.types import CellBags, ImageSet
 logger = logging.getLogger(__name__)
 
 LBC_FIELD_PX = 512
-LBC_DETECT_SIZE_PX = (768, 576)  # (width, height) at the detector's 0.5 µm/px
+LBC_DETECT_SIZE_PX = (512, 384)  # (width, height) at the detector's 0.5 µm/px
 DETECTOR_NAME = "cell_detector"
 _SLIDE_NAME = re.compile(r"(?P<slide>.*?)\s*\(\d+\)")
 

@@ -5,7 +5,7 @@ literature, where the attention sits, the DNL and SAM blocks, ONNX export with d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +53,6 @@ def _randomize_norms(model: nn.Module, seed: int = 0) -> None:
             m.bias.data = torch.randn(c, generator=gen) * 0.1
             m.running_mean.data = torch.randn(c, generator=gen) * 0.1
             m.running_var.data = torch.rand(c, generator=gen) + 0.5
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- every builder --------------------------------------------------------------------

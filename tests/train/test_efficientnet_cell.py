@@ -3,7 +3,6 @@ a random one, and ONNX export through `CellClassifierExport` with a dynamic batc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +14,6 @@ from train.models import create_model, is_model
 from train.models.cell_cnn import CellClassifierExport
 from train.models.efficientnet_cell import EfficientNetLiteCell
 from train.pretrained import load_efficientnet_lite
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _crops(batch: int = 2, seed: int = 0) -> torch.Tensor:

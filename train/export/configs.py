@@ -27,6 +27,20 @@ def _execution(max_batch_size: int, precision: str = "FP16") -> dict[str, Any]:
     }
 
 
+def _preprocessing(
+    input_px: int, mpp: float, mean: tuple[float, ...], std: tuple[float, ...]
+) -> dict[str, Any]:
+    """An image input's `preprocessing` block: square RGB NCHW at `mpp`, `(x - mean) / std`."""
+    return {
+        "mpp": mpp,
+        "input_size": [input_px, input_px],
+        "mean": list(mean),
+        "std": list(std),
+        "channel_order": "RGB",
+        "layout": "NCHW",
+    }
+
+
 def detector_config(
     input_px: int,
     mpp: float,
@@ -44,14 +58,7 @@ def detector_config(
         **_execution(max_batch_size),
         "input": [{"name": "images", "data_type": "TYPE_FP32", "dims": [3, input_px, input_px]}],
         "output": [{"name": "output0", "data_type": "TYPE_FP32", "dims": [4 + len(labels), -1]}],
-        "preprocessing": {
-            "mpp": mpp,
-            "input_size": [input_px, input_px],
-            "mean": [0.0, 0.0, 0.0],
-            "std": [255.0, 255.0, 255.0],
-            "channel_order": "RGB",
-            "layout": "NCHW",
-        },
+        "preprocessing": _preprocessing(input_px, mpp, (0.0,) * 3, (255.0,) * 3),
         "labels": list(labels),
         "postprocessing": {
             "kind": "yolo",
@@ -93,14 +100,7 @@ def classifier_config(
             {"name": "probs", "data_type": "TYPE_FP32", "dims": [len(labels)]},
             {"name": "features", "data_type": "TYPE_FP32", "dims": [embed_dim]},
         ],
-        "preprocessing": {
-            "mpp": mpp,
-            "input_size": [input_px, input_px],
-            "mean": list(mean),
-            "std": list(std),
-            "channel_order": "RGB",
-            "layout": "NCHW",
-        },
+        "preprocessing": _preprocessing(input_px, mpp, mean, std),
         "labels": list(labels),
         "severity": list(labels if severity is None else severity),
     }
@@ -169,14 +169,7 @@ def global_local_config(
             {"name": "cell_probs", "data_type": "TYPE_FP32", "dims": [-1, cell_classes]},
             {"name": "attention", "data_type": "TYPE_FP32", "dims": [-1]},
         ],
-        "preprocessing": {
-            "mpp": mpp,
-            "input_size": [input_px, input_px],
-            "mean": list(mean),
-            "std": list(std),
-            "channel_order": "RGB",
-            "layout": "NCHW",
-        },
+        "preprocessing": _preprocessing(input_px, mpp, mean, std),
         "labels": list(labels),
         "severity": list(labels if severity is None else severity),
     }

@@ -761,7 +761,13 @@ def _roi(
             "attention": {0: "batch", 1: "cells"},
         },
     )
-    x, m, _ = roi_loop.pad_bags(lbc["test"][:16], feature_dim)
+    # torch.export specialises a cells axis of 0 or 1: the example bags hold two or more
+    # (a smoke run's untrained detector may find none in the test fields)
+    examples = [b for b in lbc["test"] + synth if len(b.features) >= 2][:16]
+    x, m, _ = roi_loop.pad_bags(examples or synth[:16], feature_dim)
+    if x.shape[1] < 2:
+        x = torch.nn.functional.pad(x, (0, 0, 0, 2 - x.shape[1]))
+        m = torch.nn.functional.pad(m, (0, 2 - m.shape[1]))
     empty_feed = {
         "cell_features": np.zeros((3, 0, feature_dim), np.float32),
         "cell_mask": np.zeros((3, 0), np.float32),

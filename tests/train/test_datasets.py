@@ -18,7 +18,7 @@ from PIL import Image
 from train.data.catalog import dataset_specs, load_class_folders, open_image_set
 from train.data.cric import load_cric
 from train.data.crops import fit_square
-from train.data.herlev import herlev_image_set, load_herlev
+from train.data.herlev import herlev_image_set
 from train.data.isbi import BoxedImage
 from train.data.labels import (
     BETHESDA_CLASSES,
@@ -161,10 +161,6 @@ def test_herlev_counts_and_schemes():
     bethesda = herlev_image_set(ROOT, 24, "bethesda")
     assert np.bincount(bethesda.labels).tolist() == [189, 141, 366]
     assert np.array_equal(binary.images, seven.images)
-    # The default models' loader maps onto the caller's order.
-    old = load_herlev(ROOT, ("HSIL", "LSIL", "NILM"), 24)
-    assert np.array_equal(old.labels, 2 - bethesda.labels)
-    assert old.sources == bethesda.sources
 
 
 def test_fit_square_pads_with_white_and_keeps_shape():

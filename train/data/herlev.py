@@ -10,14 +10,14 @@ unrecorded magnification. Label schemes (maps in `train.data.labels`):
 File names are `<image>-<image>-<cell>.jpg`; cells whose names share the part before the
 last `-` come from one Herlev field image (458 fields, up to 7 cells each, never across
 classes), so that prefix is the item's group and splits keep a field's cells together.
-Since the images' scale differs from the 0.5 mpp synthetic crops, the default models'
-training gives them their own loss weight (train/loops/classifier.py).
+Their scale: `train.data.scanner_crops.herlev_scanner_crops` puts them on the scanner's
+field at the set's stated 0.201 µm/px (this copy was resized to 200-224 px, so sizes are
+approximate).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,60 +85,3 @@ def herlev_image_set(root: Path, size_px: int, scheme: str = "classes") -> Image
         sources,
         groups.astype(np.int64),
     )
-
-
-@dataclass(frozen=True)
-class LabelledImages:
-    """Images with class indices (the default models' training loop takes these).
-
-    Attributes:
-        images: [N, H, W, 3] uint8 RGB.
-        labels: [N] int64 class indices into the label list.
-        sources: [N] source names (file paths or synthetic ids), for the data card.
-    """
-
-    images: np.ndarray
-    labels: np.ndarray
-    sources: list[str]
-
-
-def load_herlev(root: Path, labels: tuple[str, ...], size_px: int = 96) -> LabelledImages:
-    """Load every Herlev image, resized to `size_px`, with its Bethesda class index.
-
-    Args:
-        root: The shared data folder.
-        labels: The caller's Bethesda class order; it must hold NILM, LSIL and HSIL.
-        size_px: Side of the returned images.
-
-    Raises:
-        FileNotFoundError: The Herlev folder is missing.
-        ValueError: `labels` lacks one of the Bethesda classes.
-    """
-    missing = sorted(set(PAPSCAN_CLASSES) - set(labels))
-    if missing:
-        raise ValueError(f"labels {labels} lack the Herlev Bethesda classes {missing}")
-    herlev = herlev_image_set(root, size_px, "bethesda")
-    to_caller = np.asarray([labels.index(c) for c in herlev.classes], np.int64)
-    return LabelledImages(herlev.images, to_caller[herlev.labels], herlev.sources)
-
-
-def stratified_split(
-    labels: np.ndarray, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices into (train, test), `test_fraction` of each class to test.
-
-    Ignores groups; `train.data.splits` has the group-aware splits.
-
-    Raises:
-        ValueError: `test_fraction` is not within (0, 1).
-    """
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be within (0, 1), got {test_fraction}")
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_test = max(1, round(len(idx) * test_fraction))
-        test.extend(idx[:n_test])
-        train.extend(idx[n_test:])
-    return np.sort(np.asarray(train, np.int64)), np.sort(np.asarray(test, np.int64))

@@ -64,8 +64,8 @@ from rich.progress import (
 from rich.table import Table
 
 from engines.errors import PapscanError
-from engines.preprocess import to_input
 from engines.repository import ModelRepository, default_repository_path
+from train.data.field_bags import classify_crops
 from train.data.heldout import assign_parts, split_record
 from train.data.labels import BETHESDA_TO_PAPSCAN, PAPSCAN_CLASSES
 from train.data.paths import PROJECT_ROOT, default_data_root
@@ -351,22 +351,6 @@ def herlev_part(root: Path, target_mpp: float, field_px: int, part: str, limit: 
     for p in ("test", "val"):
         record[f"{p}_fields"] = sorted(names[g] for g in record[p])
     return cells.images[keep], grades, len(keep_groups), record
-
-
-def classify_crops(models: ScanModels, crops: np.ndarray) -> np.ndarray:
-    """Class probabilities `[N, C]` of scanner-cut crops, batched by the model's max batch."""
-    model = models.cell_classifier
-    config = model.config
-    n_labels = len(config.labels)
-    if not len(crops):
-        return np.zeros((0, n_labels), np.float32)
-    name = "probs" if any(o.name == "probs" for o in config.outputs) else config.outputs[0].name
-    batch = max(1, config.max_batch_size)
-    out = []
-    for i in range(0, len(crops), batch):
-        x = to_input(crops[i : i + batch], config.preprocessing)
-        out.append(model.infer({config.inputs[0].name: x})[name])
-    return np.concatenate(out)
 
 
 # --------------------------------------------------------------------------- figures
@@ -798,12 +782,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if cric_crops
                 else np.zeros((0, pipe.crop_px, pipe.crop_px, 3), np.uint8)
             )
-            cric_probs = classify_crops(models, crops)
+            cric_probs = classify_crops(models.cell_classifier, crops)[1]
             bar.advance(cell_task)
             herlev_crops, herlev_grades, herlev_fields, herlev_split = herlev_part(
                 root, pipe.target_mpp, pipe.crop_field_px, args.part, args.limit
             )
-            herlev_probs = classify_crops(models, to_crop_px(herlev_crops, pipe.crop_px))
+            herlev_probs = classify_crops(
+                models.cell_classifier, to_crop_px(herlev_crops, pipe.crop_px)
+            )[1]
             bar.advance(cell_task)
             timings["cells_s"] = time.perf_counter() - t
             stage_ms = {k: round(v, 1) for k, v in scanner.stage_ms.items()}

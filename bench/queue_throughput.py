@@ -133,7 +133,7 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 def submit(db: Database, paths: list[Path], force: bool = True) -> list[int]:
     """Submit in this process (the same code as `papscan submit`), return scan ids."""
-    from worker.submit import SlideRequest, check_slides, model_versions, submit_slides
+    from worker.queue.submit import SlideRequest, check_slides, model_versions, submit_slides
 
     checked = check_slides([SlideRequest(p) for p in paths])
     versions = model_versions(ModelRepository(default_repository_path()))

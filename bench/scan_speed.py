@@ -30,10 +30,10 @@ from worker.db.models import Cell, Roi
 from worker.db.session import Database
 from worker.pipeline.detect import l0_boxes_in_core
 from worker.pipeline.plan import cellular_mask, plan_rois
-from worker.pipeline.read import make_reader, read_ahead
 from worker.pipeline.scan import ScanModels, ScanOptions, ScanPipeline
 from worker.scanner import scan_file
-from worker.slide import open_slide
+from worker.wsi.read import make_reader, read_ahead
+from worker.wsi.slide import open_slide
 
 console = Console()
 

@@ -76,7 +76,7 @@ from train.synth.slide import level_dimensions_for
 from worker.pipeline.records import CellResult, RoiResult
 from worker.pipeline.scan import ScanModels, ScanOptions, ScanPipeline
 from worker.settings import get_settings
-from worker.slide import open_slide
+from worker.wsi.slide import open_slide
 
 try:  # imported as bench.scorecard (tests, pythonpath ".")
     from bench import scorecard_metrics as sm

@@ -1,5 +1,5 @@
 """`python -m worker` is `papscan`."""
 
-from worker.cli import app
+from worker.cli.main import app
 
 app(prog_name="papscan")

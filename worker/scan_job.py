@@ -33,7 +33,7 @@ from worker.errors import (
 )
 from worker.pipeline.records import CellResult, RoiResult
 from worker.pipeline.scan import ScanModels, ScanOptions, ScanPipeline
-from worker.slide import open_slide
+from worker.wsi.slide import open_slide
 
 logger = logging.getLogger(__name__)
 

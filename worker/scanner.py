@@ -18,7 +18,7 @@ from worker.db import queries
 from worker.db.session import Database
 from worker.pipeline.records import CellResult, RoiResult, SlideSummary
 from worker.pipeline.scan import Progress, ScanModels, ScanOptions, ScanPipeline
-from worker.slide import open_slide
+from worker.wsi.slide import open_slide
 
 logger = logging.getLogger(__name__)
 

@@ -221,7 +221,7 @@ def test_cli_exports_a_run_and_refuses_a_bad_one_in_one_sentence(
 ) -> None:
     from typer.testing import CliRunner
 
-    from worker.cli import app
+    from worker.cli.main import app
 
     runner = CliRunner()
     done = runner.invoke(app, ["export", str(run_dir), "--repository", str(tmp_path / "repo")])

@@ -313,7 +313,7 @@ def test_rois_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _app() -> typer.Typer:
-    from worker.cli import app
+    from worker.cli.main import app
 
     return app
 

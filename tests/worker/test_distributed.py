@@ -254,7 +254,7 @@ def test_a_cancelled_scan_is_skipped_then_retried(cluster: Cluster, slides: list
 def test_a_database_outage_is_retried_with_backoff(cluster: Cluster, slides: list[Path]) -> None:
     from celery import Celery
 
-    from worker.slide import open_slide
+    from worker.wsi.slide import open_slide
 
     env = {"PAPSCAN_RETRY_BACKOFF_S": "1", "PAPSCAN_TASK_MAX_RETRIES": "8"}
     worker = cluster.start_worker("w1@test", env=env)

@@ -149,7 +149,7 @@ def _runtime(db: Database, models, soft_limit_s: float = 3600.0):
 
 
 def _submitted(db: Database, path: Path, fingerprint: str | None = None) -> int:
-    from worker.slide import open_slide
+    from worker.wsi.slide import open_slide
 
     with open_slide(path) as slide, db.session() as s, s.begin():
         info = slide.info

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from worker.pipeline.plan import RoiPlan, TissueMask, cellular_mask, plan_rois
-from worker.slide import SlideInfo, open_slide
+from worker.wsi.slide import SlideInfo, open_slide
 
 
 def fake_info(

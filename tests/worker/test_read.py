@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 
 from engines.errors import BackendUnavailableError
-from worker.decode import JpegDecoder, cuda_device_count, jpeg_stream
 from worker.errors import SlideReadError
 from worker.pipeline.plan import Roi, TissueMask, cellular_mask, plan_rois
-from worker.pipeline.read import (
+from worker.wsi.decode import JpegDecoder, cuda_device_count, jpeg_stream
+from worker.wsi.read import (
     OpenSlideReader,
     TileReader,
     jpeg_tile_layout,
     make_reader,
     read_ahead,
 )
-from worker.slide import open_slide
+from worker.wsi.slide import open_slide
 
 
 def all_rois(slide, target_mpp: float, roi_px: int = 512, overlap_px: int = 128):

@@ -20,12 +20,12 @@ from engines.repository import ModelRepository, default_repository_path
 from train.evaluation import match_cells
 from train.synth import read_truth, write_synthetic_slide
 from worker.db import queries
+from worker.db.export import write_cells
 from worker.db.models import Cell, Roi, Scan
 from worker.db.session import Database
-from worker.export import write_cells
 from worker.pipeline.scan import ScanModels, ScanOptions, ScanPipeline
 from worker.scanner import scan_file
-from worker.slide import open_slide
+from worker.wsi.slide import open_slide
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 import tifffile
 
 from worker.errors import SlideOpenError
-from worker.slide import SlideInfo, level_for_mpp, open_slide
+from worker.wsi.slide import SlideInfo, level_for_mpp, open_slide
 
 
 def one_sentence(message: str) -> bool:

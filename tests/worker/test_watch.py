@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from tests.worker.conftest import Cluster, wait_for
 from train.synth import write_synthetic_slide
 from worker.db.models import Scan, Slide
-from worker.watch import FolderWatcher
+from worker.queue.watch import FolderWatcher
 
 pytestmark = pytest.mark.slow
 

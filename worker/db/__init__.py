@@ -1,0 +1,1 @@
+"""The results database: tables, sessions and migrations, queries, scan jobs, exports."""

@@ -31,7 +31,7 @@ from worker.errors import ScanNotFoundError
 from worker.pipeline.records import CellResult, RoiResult, SlideSummary
 
 if TYPE_CHECKING:
-    from worker.slide import SlideInfo
+    from worker.wsi.slide import SlideInfo
 
 __all__ = [
     "CELL_EXPORT_COLUMNS",

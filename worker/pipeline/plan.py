@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from worker.slide import MPP_TOLERANCE, Slide, SlideInfo, coarse_slide_warning, level_for_mpp
+from worker.wsi.slide import MPP_TOLERANCE, Slide, SlideInfo, coarse_slide_warning, level_for_mpp
 
 logger = logging.getLogger(__name__)
 

@@ -39,9 +39,9 @@ from engines.repository import ModelRepository
 from worker.pipeline.aggregate import SlideAggregator
 from worker.pipeline.detect import l0_boxes_in_core
 from worker.pipeline.plan import cellular_mask, plan_rois
-from worker.pipeline.read import make_reader, read_ahead
 from worker.pipeline.records import CellResult, RoiResult, SlideSummary
-from worker.slide import Slide
+from worker.wsi.read import make_reader, read_ahead
+from worker.wsi.slide import Slide
 
 if TYPE_CHECKING:
     from engines.config import Preprocessing

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from worker.cli_common import DbOption, ModelsOption, fail, fails_in_one_sentence, repository
+from worker.cli.common import DbOption, ModelsOption, fail, fails_in_one_sentence, repository
 
 app = typer.Typer(
     name="papscan",
@@ -74,7 +74,7 @@ def scan(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Scan one slide in this process and write the results to the database."""
-    from worker.console import out, print_report, roi_progress
+    from worker.cli.console import out, print_report, roi_progress
     from worker.pipeline.scan import ScanOptions
     from worker.scanner import scan_file
     from worker.settings import get_settings
@@ -160,7 +160,7 @@ def export(
         for line in report.summary_lines():
             typer.echo(line)
         return
-    from worker.export import write_cells
+    from worker.db.export import write_cells
 
     database = _database(db)
     with database.session() as s:
@@ -185,7 +185,7 @@ def synth(
 ) -> None:
     """Write a synthetic liquid-based cytology slide and its ground truth."""
     from train.synth import write_synthetic_slide
-    from worker.console import out
+    from worker.cli.console import out
 
     made = write_synthetic_slide(
         out_path, width=width, height=height, mpp=mpp, seed=seed, cells=cells
@@ -208,7 +208,7 @@ def demo(
 
     from train.evaluation import match_cells
     from train.synth import read_truth, write_synthetic_slide
-    from worker.console import out, print_report, roi_progress
+    from worker.cli.console import out, print_report, roi_progress
     from worker.scanner import scan_file
 
     path = Path(user_cache_dir("papscan")) / f"demo-{size}-{cells}.tiff"
@@ -232,14 +232,14 @@ def demo(
 
 
 from train.cli import evaluate_command, train_app  # noqa: E402  (composition root: mounted after the app exists)
-from worker.models_cli import models_app  # noqa: E402
+from worker.cli.models import models_app  # noqa: E402
 
 app.add_typer(train_app, name="train", help="Train models and write a model repository.")
 app.command("evaluate")(evaluate_command)
 app.add_typer(
     models_app, name="models", help="Inspect, verify, warm up and time a model repository."
 )
-from worker.queue_cli import queue_app  # noqa: E402
+from worker.cli.queue import queue_app  # noqa: E402
 
 # `papscan worker|submit|status|cancel|retry|watch`: the overnight queue, at the top level.
 app.add_typer(queue_app)

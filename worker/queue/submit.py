@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engines.repository import ModelRepository
-from worker.broker import check_broker, send_scan
-from worker.celery_app import QUEUES
-from worker.control import send_jobs
 from worker.db import jobs, queries
 from worker.db.session import Database
 from worker.errors import SlideOpenError
 from worker.pipeline.scan import MODEL_NAMES
-from worker.slide import SlideInfo, open_slide
+from worker.queue.app import QUEUES
+from worker.queue.broker import check_broker, send_scan
+from worker.queue.control import send_jobs
+from worker.wsi.slide import SlideInfo, open_slide
 
 __all__ = [
     "ManifestError",

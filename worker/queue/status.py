@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from worker.broker import queue_depths
 from worker.db import jobs
 from worker.db.models import utc_now
 from worker.db.session import Database
 from worker.errors import BrokerUnavailableError
+from worker.queue.broker import queue_depths
 
 __all__ = ["QueueStatus", "collect_status", "render_status"]
 

@@ -26,7 +26,7 @@ from typing import Annotated, Any
 
 import typer
 
-from worker.cli_common import DbOption, ModelsOption, fail, fails_in_one_sentence, repository
+from worker.cli.common import DbOption, ModelsOption, fail, fails_in_one_sentence, repository
 
 queue_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
@@ -123,8 +123,8 @@ def worker(
     logging.getLogger("papscan").setLevel(level)
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
 
-    from worker.broker import check_broker
-    from worker.celery_app import QUEUES
+    from worker.queue.app import QUEUES
+    from worker.queue.broker import check_broker
 
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = [q for q in wanted if q not in QUEUES]
@@ -150,10 +150,10 @@ def worker(
     from celery.exceptions import CPendingDeprecationWarning
     from celery.signals import worker_ready
 
-    from worker.tasks import app, load_runtime
+    from worker.queue.tasks import app, load_runtime
 
     # papscan sets worker_cancel_long_running_tasks_on_connection_loss=False on purpose
-    # (see worker/celery_app.py); Celery warns on every reconnect all the same.
+    # (see worker/queue/app.py); Celery warns on every reconnect all the same.
     warnings.filterwarnings(
         "ignore",
         message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss",
@@ -177,7 +177,7 @@ def worker(
 
     celery_worker = app.Worker(
         hostname=node,
-        # See worker/tasks.py: never prefork with CUDA in the process.
+        # See worker/queue/tasks.py: never prefork with CUDA in the process.
         pool="solo" if concurrency == 1 else "threads",
         concurrency=concurrency,
         queues=wanted,
@@ -225,8 +225,8 @@ def submit(
     as_json: JsonOption = False,
 ) -> None:
     """Queue slides for the workers; every path is checked before anything is queued."""
-    from worker.console import out
-    from worker.submit import (
+    from worker.cli.console import out
+    from worker.queue.submit import (
         SlideRequest,
         check_slides,
         model_versions,
@@ -280,8 +280,8 @@ def status(
     as_json: JsonOption = False,
 ) -> None:
     """Queue depth per priority, running scans, per-worker throughput, recent failures."""
-    from worker.console import out
-    from worker.status import collect_status, render_status
+    from worker.cli.console import out
+    from worker.queue.status import collect_status, render_status
 
     settings = _settings(db)
     database = _database(settings.db_url)
@@ -315,8 +315,8 @@ def cancel(
     db: DbOption = None,
 ) -> None:
     """Cancel a queued or running scan (a running one stops at its next chunk)."""
-    from worker.console import out
-    from worker.control import cancel as cancel_scan
+    from worker.cli.console import out
+    from worker.queue.control import cancel as cancel_scan
 
     was = cancel_scan(_database(_settings(db).db_url), scan_id)
     out.print(f"scan {scan_id} cancelled (it was {was})", highlight=False)
@@ -330,9 +330,9 @@ def retry(
     db: DbOption = None,
 ) -> None:
     """Queue failed or cancelled scans again, under their own ids and priorities."""
-    from worker.console import out
-    from worker.control import failed_scans
-    from worker.control import retry as retry_scans
+    from worker.cli.console import out
+    from worker.queue.control import failed_scans
+    from worker.queue.control import retry as retry_scans
 
     settings = _settings(db)
     database = _database(settings.db_url)
@@ -367,10 +367,10 @@ def watch(
     models: ModelsOption = None,
 ) -> None:
     """Queue each slide written into FOLDER once it has stopped growing."""
-    from worker.broker import check_broker
-    from worker.console import out
-    from worker.submit import model_versions, submit_slides
-    from worker.watch import FolderWatcher, WatchEvent
+    from worker.cli.console import out
+    from worker.queue.broker import check_broker
+    from worker.queue.submit import model_versions, submit_slides
+    from worker.queue.watch import FolderWatcher, WatchEvent
 
     if not folder.is_dir():
         fail(f"the watch folder {folder} is not a folder")

@@ -13,10 +13,10 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from worker.broker import check_broker, send_scan
 from worker.db import jobs, queries
 from worker.db.session import Database
 from worker.errors import BrokerUnavailableError, ScanStateError
+from worker.queue.broker import check_broker, send_scan
 
 __all__ = ["RetriedScan", "cancel", "failed_scans", "retry", "send_jobs"]
 

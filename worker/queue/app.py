@@ -3,7 +3,7 @@
 Importing this module connects to nothing and reads no settings: the configuration is
 built from `PAPSCAN_*` variables (`worker.settings`) the first time Celery needs it.
 Results live in the SQL database, so there is no result backend; the task is
-`worker.tasks.scan_slide`, sent by name so submitting never imports the pipeline.
+`worker.queue.tasks.scan_slide`, sent by name so submitting never imports the pipeline.
 
 Priorities: two queues, `stat` and `routine`, and every worker consumes both with the
 Redis transport's `priority` queue order, so its BRPOP always names `stat` first and a
@@ -68,7 +68,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # would wait on a busy GPU while another worker sits idle.
         "worker_prefetch_multiplier": 1,
         # Backstops for a scan that hangs. Celery enforces these only in its prefork
-        # pool; papscan runs `solo` or `threads` (see worker/tasks.py), so the task
+        # pool; papscan runs `solo` or `threads` (see worker/queue/tasks.py), so the task
         # enforces the same two limits itself.
         "task_soft_time_limit": settings.scan_soft_limit_s,
         "task_time_limit": settings.scan_hard_limit_s,

@@ -59,7 +59,7 @@ def fails_in_one_sentence(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def fail(sentence: str) -> None:
-    from worker.console import err
+    from worker.cli.console import err
 
     err.print(f"[bold red]papscan:[/] {sentence}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)

@@ -1,7 +1,7 @@
 """The job queue as papscan's commands see it: reach Redis, send scan jobs, count them.
 
 Jobs are Celery messages on two Redis lists, `stat` and `routine` (see
-`worker.celery_app`); a job a worker has taken but not yet acknowledged waits in the
+`worker.queue.app`); a job a worker has taken but not yet acknowledged waits in the
 transport's `unacked` hash until its scan ends.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import re
 
-from worker.celery_app import QUEUES, SCAN_TASK, app
 from worker.errors import BrokerUnavailableError, SettingsError
+from worker.queue.app import QUEUES, SCAN_TASK, app
 
 __all__ = ["check_broker", "queue_depths", "safe_broker_url", "send_scan"]
 

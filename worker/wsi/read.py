@@ -33,10 +33,16 @@ import numpy as np
 import openslide
 
 from engines.errors import BackendUnavailableError
-from worker.decode import JpegDecodeError, JpegDecoder, dali_available, default_device, jpeg_stream
 from worker.errors import SlideReadError
 from worker.pipeline.plan import Roi
-from worker.slide import MPP_TOLERANCE, LevelChoice, Slide, SlideInfo, level_for_mpp
+from worker.wsi.decode import (
+    JpegDecodeError,
+    JpegDecoder,
+    dali_available,
+    default_device,
+    jpeg_stream,
+)
+from worker.wsi.slide import MPP_TOLERANCE, LevelChoice, Slide, SlideInfo, level_for_mpp
 
 logger = logging.getLogger(__name__)
 

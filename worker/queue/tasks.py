@@ -29,10 +29,10 @@ from contextlib import contextmanager
 
 from celery.utils.time import get_exponential_backoff_interval
 
-from worker.celery_app import SCAN_TASK, app
 from worker.db import jobs
 from worker.db.session import Database
 from worker.errors import TransientError
+from worker.queue.app import SCAN_TASK, app
 from worker.scan_job import Outcome, ScanRuntime, run_queued_scan
 from worker.settings import Settings, get_settings
 
@@ -62,7 +62,7 @@ def load_runtime(worker: str, settings: Settings | None = None) -> ScanRuntime:
     global _runtime, _runtime_pid
     with _runtime_lock:
         if _runtime is None or _runtime_pid != os.getpid():
-            from worker.cli_common import repository
+            from worker.cli.common import repository
             from worker.pipeline.scan import ScanModels, ScanOptions
 
             settings = settings or get_settings()

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from worker.cli_common import fail, fails_in_one_sentence, repository
+from worker.cli.common import fail, fails_in_one_sentence, repository
 
 models_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
@@ -41,7 +41,7 @@ def list_models(repo: RepoArgument = None) -> None:
     from rich.table import Table
 
     from engines.backends import BACKENDS
-    from worker.console import out
+    from worker.cli.console import out
 
     repo_ = repository(repo)
     if not repo_.model_names():
@@ -90,7 +90,7 @@ def describe(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Describe one model: config, chosen backend and why, artifacts, card."""
-    from worker.console import out
+    from worker.cli.console import out
 
     repo_ = repository(repo)
     with repo_.load(model, version, device=device, warmup=False) as loaded:
@@ -173,7 +173,7 @@ def verify(
     from engines.contract import SCAN_MODELS, check_scan_repository
     from engines.diagnostics import verify_repository
     from engines.errors import ModelContractError
-    from worker.console import out
+    from worker.cli.console import out
 
     repo_ = repository(repo)
     checks = verify_repository(repo_, model, device=device, atol=atol)
@@ -227,7 +227,7 @@ def warmup(
     repo: RepoArgument = None, model: ModelFilter = None, device: DeviceOption = "auto"
 ) -> None:
     """Load and warm up every served version, as a worker does before taking work."""
-    from worker.console import out
+    from worker.cli.console import out
 
     repo_ = repository(repo)
     for name in model or repo_.model_names():
@@ -259,7 +259,7 @@ def bench(
     from rich.table import Table
 
     from engines.diagnostics import time_model
-    from worker.console import out
+    from worker.cli.console import out
 
     try:
         sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker.errors import SlideOpenError, TransientError
-from worker.submit import SlideRequest, check_slides
+from worker.queue.submit import SlideRequest, check_slides
 
 __all__ = ["FolderWatcher", "WatchEvent"]
 

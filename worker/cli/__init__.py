@@ -1,0 +1,1 @@
+"""The `papscan` command line (`main.app`), its command groups and console helpers."""

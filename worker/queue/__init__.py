@@ -1,0 +1,1 @@
+"""The overnight queue: the Celery app and task, submitting, watching, cancelling, status."""

@@ -6,6 +6,7 @@ mean and std their config declares.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import cv2
@@ -17,25 +18,35 @@ if TYPE_CHECKING:
 BACKGROUND_RGB = 255  # glass: what lies beyond the slide or the ROI image
 
 
+def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """`[N, H, W, 3]` uint8 into `[N, 3, H, W]` float32, `(x - mean) / std` per channel.
+
+    Training normalises with this function too, so a model sees the same numbers in both.
+    """
+    x = images.astype(np.float32)
+    x -= np.asarray(mean, dtype=np.float32)
+    x /= np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
 def to_input(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """Normalise a batch `[N, H, W, 3]` uint8 into `[N, 3, H, W]` float32 per `prep`."""
     if prep.channel_order.upper() == "BGR":
         images = images[..., ::-1]
-    x = images.astype(np.float32)
-    x -= np.asarray(prep.mean, dtype=np.float32)
-    x /= np.asarray(prep.std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return normalise(images, prep.mean, prep.std)
 
 
 def cut_crops(image: np.ndarray, centres_px: np.ndarray, field_px: int, out_px: int) -> np.ndarray:
     """Cut square fields centred on points of an image, resized to the model's input.
 
     The field has a fixed physical size (the classifier's input size at its mpp), not the
-    box's size: nuclear size is diagnostic and must survive the crop.
+    box's size: nuclear size is diagnostic and must survive the crop. Training cuts its
+    crops with this function too (`field_px == out_px` where the image is already at the
+    classifier's mpp).
 
     Args:
         image: `H×W×3` uint8 ROI image.
-        centres_px: `[N, 2]` `(x, y)` centres in the image's pixels.
+        centres_px: `[N, 2]` `(x, y)` centres in the image's pixels (rounded half to even).
         field_px: side of the field to cut, in the image's pixels.
         out_px: side of the returned crops (the classifier's input size).
 
@@ -49,7 +60,7 @@ def cut_crops(image: np.ndarray, centres_px: np.ndarray, field_px: int, out_px: 
     height, width = image.shape[:2]
     half = field_px // 2
     field = np.full((field_px, field_px, 3), BACKGROUND_RGB, dtype=np.uint8)
-    for i, (cx, cy) in enumerate(np.round(centres_px).astype(np.int64)):
+    for i, (cx, cy) in enumerate(np.round(np.asarray(centres_px, np.float64)).astype(np.int64)):
         x0, y0 = cx - half, cy - half
         sx0, sy0 = max(x0, 0), max(y0, 0)
         sx1, sy1 = min(x0 + field_px, width), min(y0 + field_px, height)

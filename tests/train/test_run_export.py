@@ -23,9 +23,9 @@ from engines.backends.onnxruntime import FP16_ARTIFACT_NAME
 from engines.backends.tensorrt_plan import read_build_record
 from engines.config import load_config
 from engines.errors import BackendUnavailableError
+from engines.preprocess import normalise
 from engines.repository import ModelRepository
 from tests.engines.fake_tensorrt import FakeCudart, install
-from train.data.crops import normalise
 from train.export.configs import classifier_config
 from train.export.run_export import ExportReport, export_run
 from train.export.tensorrt_build import calibration_batches

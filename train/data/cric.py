@@ -2,11 +2,11 @@
 
 `<data>/cric/classifications.csv` lists 11,534 cells of 400 conventional Pap smear images
 (1376x1020 PNG): `image_id, image_filename, image_doi, cell_id, bethesda_system,
-nucleus_x, nucleus_y`. Each cell becomes a fixed-size square centred on its nucleus
-(`train.data.crops.cut_fixed_crops`, white beyond the image; 100 px by default, the size of
-CRIC's own cell crops), resized to the requested size. Classes are the six Bethesda ones
-(`BETHESDA_CLASSES`; the table's "Negative for intraepithelial lesion" is NILM); cells of
-one image share a group.
+nucleus_x, nucleus_y`. Each cell becomes a fixed-size square centred on its nucleus, cut
+as the scanner cuts it (`engines.preprocess.cut_crops`, white beyond the image; 100 px by
+default, the size of CRIC's own cell crops), resized to the requested size. Classes are
+the six Bethesda ones (`BETHESDA_CLASSES`; the table's "Negative for intraepithelial
+lesion" is NILM); cells of one image share a group.
 
 Only the images present are used: papscan's shared data holds the table and 1 of the 400
 images, so the other rows are skipped (and counted in one log line).
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from train.data.crops import cut_fixed_crops, fit_square
+from engines.preprocess import cut_crops
+from train.data.crops import fit_square
 from train.data.labels import BETHESDA_CLASSES, CRIC_TO_BETHESDA
 from train.data.types import ImageSet
 
@@ -97,7 +98,7 @@ def load_cric(
         with Image.open(images_dir / name) as opened:
             image = np.asarray(opened.convert("RGB"))
         centres = np.asarray([[float(r["nucleus_x"]), float(r["nucleus_y"])] for r in cells])
-        for row, crop in zip(cells, cut_fixed_crops(image, centres, crop_px), strict=True):
+        for row, crop in zip(cells, cut_crops(image, centres, crop_px, crop_px), strict=True):
             images.append(fit_square(Image.fromarray(crop), size_px))
             labels.append(BETHESDA_CLASSES.index(CRIC_TO_BETHESDA[row["bethesda_system"]]))
             sources.append(f"cric/{name}#cell{row['cell_id']}")

@@ -1,8 +1,8 @@
-"""Fixed-field cell crops: a square of constant physical size centred on a nucleus.
+"""Whole-cell images padded to a square: `fit_square` and `read_square_rgb`.
 
-Matches the scanning pipeline (worker/pipeline/preprocess.py `cut_crops`): the field is
-`input_px` pixels at the classifier's mpp, parts outside the image are glass white, and the
-field is never resized to the box (nuclear size is diagnostic).
+Fixed-field crops around a nucleus and normalisation are the scanner's own
+(`engines.preprocess.cut_crops`, `engines.preprocess.normalise`): training imports them
+from there, so train and serve cannot drift apart.
 """
 
 from __future__ import annotations
@@ -12,41 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-BACKGROUND_RGB = 255
-
-
-def cut_fixed_crops(image: np.ndarray, centres_px: np.ndarray, size_px: int) -> np.ndarray:
-    """Cut `size_px` squares centred on points, padding with white beyond the image.
-
-    Args:
-        image: HxWx3 uint8 RGB, at the classifier's mpp.
-        centres_px: [N, 2] (x, y) centres in image pixels (rounded to int).
-        size_px: Side of the square field.
-
-    Returns:
-        [N, size_px, size_px, 3] uint8.
-    """
-    n = len(centres_px)
-    crops = np.full((n, size_px, size_px, 3), BACKGROUND_RGB, np.uint8)
-    h, w = image.shape[:2]
-    half = size_px // 2
-    for i, (cx, cy) in enumerate(np.round(np.asarray(centres_px, np.float64)).astype(np.int64)):
-        x0, y0 = cx - half, cy - half
-        sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + size_px, w), min(y0 + size_px, h)
-        if sx1 <= sx0 or sy1 <= sy0:
-            continue
-        crops[i, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
-    return crops
-
-
-def normalise(
-    images_nhwc: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
-) -> np.ndarray:
-    """[N, H, W, 3] uint8 RGB -> [N, 3, H, W] float32, `(x - mean) / std` per channel."""
-    x = images_nhwc.astype(np.float32)
-    x -= np.asarray(mean, np.float32)
-    x /= np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+from engines.preprocess import BACKGROUND_RGB
+from engines.preprocess import normalise as normalise  # re-export: train/loops/supervised.py
 
 
 def fit_square(image: Image.Image, size_px: int) -> np.ndarray:

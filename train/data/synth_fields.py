@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from train.data.crops import cut_fixed_crops
+from engines.preprocess import cut_crops
 from train.data.isbi import BoxedImage
 from train.synth import CELL_CLASSES, Debris, SynthCell, plan_cells, render_region
 from train.synth.cells import cell_geometry
@@ -241,4 +241,4 @@ def cell_crops(
             rng.normal(0, jitter_px, centres.shape), -3 * jitter_px, 3 * jitter_px
         )
     labels = np.repeat([CELL_CLASSES.index(c.label) for c in field.cells], copies).astype(np.int64)
-    return cut_fixed_crops(field.image, centres, size_px), labels
+    return cut_crops(field.image, centres, size_px, size_px), labels

@@ -39,7 +39,7 @@ from torch import nn
 
 from engines.backends.onnxruntime import FP16_ARTIFACT_NAME
 from engines.config import CONFIG_FILENAME
-from train.data.crops import normalise
+from engines.preprocess import normalise
 from train.data.types import ImageSet
 from train.export.configs import classifier_config, global_local_config
 from train.export.onnx_export import (

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from engines.model import Model
+from engines.preprocess import normalise
 from engines.repository import ModelRepository
-from train.data.crops import normalise
 from train.data.detector_rois import EXHAUSTIVE_SETS, POINT_BOX_UM, real_detector_rois
 from train.data.field_bags import classify_crops, field_bag
 from train.data.heldout import split_record

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.data.crops import normalise
+from engines.preprocess import normalise
 from train.data.types import CellBags
 from train.export.configs import CLASSIFIER_MEAN, CLASSIFIER_STD
 from train.loops.supervised import EpochCallback, Learner, auto_device, run_protocol

@@ -1,6 +1,7 @@
 """Fixtures shared across the test packages: the real-data folder, small test TIFFs, and a
 PostgreSQL database of the session's own (created on the server at PAPSCAN_TEST_PG_URL,
-default the machine's `test` server, dropped at the end; skipped where unreachable)."""
+default the machine's `test` server, dropped at the end; skipped where unreachable, failed
+under CI: see `service_missing`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -185,6 +187,33 @@ def make_cells_image() -> Callable[..., np.ndarray]:
 PG_URL = os.environ.get("PAPSCAN_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
+def in_ci() -> bool:
+    """Whether the environment variable CI is set (and not "0" or "false")."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+
+
+def service_missing(service: str, url: str, env_var: str, how: str, exc: Exception) -> NoReturn:
+    """Skip a test whose PostgreSQL or Redis is unreachable; under CI, fail it instead.
+
+    CI must prove the database and queue stories, not skip them (`.ci/run` starts both).
+    """
+    reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    sentence = (
+        f"{service} at {url} is unreachable ({reason}); start it ({how}) or point {env_var} "
+        "at one that runs."
+    )
+    if in_ci():
+        pytest.fail(f"CI is set, so this fails instead of skipping: {sentence}", pytrace=False)
+    pytest.skip(sentence)
+
+
+def postgres_missing(exc: Exception) -> NoReturn:
+    """`service_missing` for the PostgreSQL at PG_URL."""
+    url = make_url(PG_URL).render_as_string()
+    how = "`service postgresql start`; trust auth, database `test`"
+    service_missing("PostgreSQL", url, "PAPSCAN_TEST_PG_URL", how, exc)
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session, dropped afterwards."""
@@ -196,7 +225,7 @@ def pg_url() -> Iterator[str]:
     try:
         conn = psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL at {admin.render_as_string()} unreachable: {exc}")
+        postgres_missing(exc)
     with conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:

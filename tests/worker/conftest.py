@@ -26,7 +26,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from tests.conftest import PG_URL
+from tests.conftest import PG_URL, postgres_missing, service_missing
 from worker.db.models import Cell, Roi, Scan
 from worker.db.session import Database
 
@@ -167,7 +167,7 @@ def fresh_pg_url() -> Iterator[str]:
     try:
         conn = psycopg.connect(_pg_admin_dsn(), autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL unreachable: {exc}")
+        postgres_missing(exc)
     with conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
@@ -201,7 +201,8 @@ def redis_url() -> Iterator[str]:
     try:
         client.flushdb()
     except redis.RedisError as exc:
-        pytest.skip(f"Redis at {REDIS_URL} unreachable: {exc}")
+        how = "`redis-server --daemonize yes`"
+        service_missing("Redis", REDIS_URL, "PAPSCAN_TEST_REDIS_URL", how, exc)
     yield REDIS_URL
     client.flushdb()
     client.close()

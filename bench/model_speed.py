@@ -33,7 +33,7 @@ from train.models import create_model
 from train.models.cell_cnn import CellClassifierExport
 from train.synth import write_synthetic_slide
 from worker.db.session import Database
-from worker.scanner import scan_file
+from worker.lifecycle import scan_file
 
 console = Console()
 

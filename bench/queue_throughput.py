@@ -44,8 +44,8 @@ from train.synth import write_synthetic_slide
 from worker.db import queries
 from worker.db.models import Cell, Scan
 from worker.db.session import Database
+from worker.lifecycle import scan_file
 from worker.pipeline.records import CellResult, RoiResult
-from worker.scanner import scan_file
 
 console = Console()
 REPO_ROOT = Path(__file__).resolve().parents[1]

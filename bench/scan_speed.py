@@ -28,10 +28,10 @@ from train.synth import write_synthetic_slide
 from worker.db import queries
 from worker.db.models import Cell, Roi
 from worker.db.session import Database
+from worker.lifecycle import scan_file
 from worker.pipeline.detect import l0_boxes_in_core
 from worker.pipeline.plan import cellular_mask, plan_rois
 from worker.pipeline.scan import ScanModels, ScanOptions, ScanPipeline
-from worker.scanner import scan_file
 from worker.wsi.read import make_reader, read_ahead
 from worker.wsi.slide import open_slide
 

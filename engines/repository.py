@@ -14,6 +14,7 @@ that has its artifact in the version folder and can run on the device.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -25,6 +26,7 @@ from engines.backends import BACKENDS
 from engines.backends.base import Backend, Device
 from engines.config import CONFIG_FILENAME, ModelConfig, load_config
 from engines.errors import BackendUnavailableError, ModelLoadError, ModelNotFoundError
+from engines.hashing import file_sha256
 from engines.metrics import METRICS, InferenceMetrics
 from engines.model import Model
 
@@ -94,6 +96,10 @@ class ModelRepository:
             ModelConfigError: Its `config.yaml` is invalid.
         """
         return self.config(name).version_policy.select(self._version_folders(name))
+
+    def weights_sha256(self, name: str, version: int) -> str:
+        """The identity of one version's weights: see `weights_sha256`."""
+        return weights_sha256(self.path / name / str(version), self.config(name))
 
     def load(
         self,
@@ -195,6 +201,32 @@ class ModelRepository:
                 f"{config.version_policy} serves only {', '.join(map(str, served)) or 'none'}"
             )
         return version
+
+
+def weights_sha256(version_dir: Path, config: ModelConfig) -> str:
+    """The sha256 of a version's weights: its ONNX file where it has one, else the artifact
+    its first listed backend would load.
+
+    ONNX comes first because every runtime's artifact is exported beside it or built from
+    it (a TensorRT plan differs per GPU), so workers on different runtimes agree on what
+    ran. Hashes are cached by path, size and modification time.
+
+    Raises:
+        ModelNotFoundError: the version folder holds no artifact of any listed backend.
+    """
+    version_dir = Path(version_dir)
+    candidates = [version_dir / "model.onnx"]
+    candidates += [BACKENDS[b].find_artifact(version_dir) for b in config.backend if b in BACKENDS]
+    for path in candidates:
+        if path is not None and path.is_file():
+            stat = path.stat()
+            return _cached_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    raise ModelNotFoundError(f"{version_dir} holds no model artifact to identify its weights")
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(Path(path))
 
 
 def _read_card(version_dir: Path) -> dict[str, Any]:

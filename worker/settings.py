@@ -28,6 +28,10 @@ _DEFAULT_DB_CHUNK_ROIS = 32
 _DEFAULT_SOFT_LIMIT_S = 2 * 3600
 _DEFAULT_HARD_LIMIT_S = _DEFAULT_SOFT_LIMIT_S + 600
 _VISIBILITY_MARGIN_S = 1800
+# A running scan's lease is renewed every quarter of it: a worker that stopped renewing
+# for a whole lease is dead or stuck, and live workers' reapers re-queue its slide.
+_DEFAULT_LEASE_S = 120
+_DEFAULT_REAPER_INTERVAL_S = 30
 _DEFAULT_TASK_RETRIES = 5
 _DEFAULT_RETRY_BACKOFF_S = 30
 
@@ -53,6 +57,12 @@ class Settings:
             before handing it to another worker (`PAPSCAN_VISIBILITY_TIMEOUT_S`); default
             the hard limit plus 30 min. Shorter than the longest slide, a slide is scanned
             twice at once (the later attempt wins; the earlier stops at its next chunk).
+            Leases make it the last resort: a dead worker's slide is re-queued by the
+            reapers one lease after its last renewal.
+        scan_lease_s: seconds a running scan's lease lasts without renewal
+            (`PAPSCAN_SCAN_LEASE_S`), >= 4.
+        reaper_interval_s: how often each worker looks for scans whose lease ran out
+            (`PAPSCAN_REAPER_INTERVAL_S`), >= 1.
         task_max_retries: retries of a scan after transient errors (database unreachable)
             before it is failed (`PAPSCAN_TASK_MAX_RETRIES`).
         retry_backoff_s: first retry delay, doubled each retry up to 10 min
@@ -69,6 +79,8 @@ class Settings:
     visibility_timeout_s: int = _DEFAULT_HARD_LIMIT_S + _VISIBILITY_MARGIN_S
     task_max_retries: int = _DEFAULT_TASK_RETRIES
     retry_backoff_s: int = _DEFAULT_RETRY_BACKOFF_S
+    scan_lease_s: int = _DEFAULT_LEASE_S
+    reaper_interval_s: int = _DEFAULT_REAPER_INTERVAL_S
 
 
 def default_db_url() -> str:
@@ -131,4 +143,6 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         task_max_retries=integer("PAPSCAN_TASK_MAX_RETRIES", _DEFAULT_TASK_RETRIES, 0),
         retry_backoff_s=integer("PAPSCAN_RETRY_BACKOFF_S", _DEFAULT_RETRY_BACKOFF_S, 1),
+        scan_lease_s=integer("PAPSCAN_SCAN_LEASE_S", _DEFAULT_LEASE_S, 4),
+        reaper_interval_s=integer("PAPSCAN_REAPER_INTERVAL_S", _DEFAULT_REAPER_INTERVAL_S, 1),
     )

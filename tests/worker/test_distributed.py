@@ -30,7 +30,7 @@ from train.synth import write_synthetic_slide
 from worker.db import queries
 from worker.db.models import Cell
 from worker.db.session import Database
-from worker.scanner import scan_file
+from worker.lifecycle import scan_file
 
 pytestmark = pytest.mark.slow
 

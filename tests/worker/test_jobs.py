@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from worker.db import jobs, queries
-from worker.db.models import Scan
+from worker.db.models import Scan, utc_now
 from worker.db.session import Database
 from worker.errors import ScanStateError, ScanSupersededError
 from worker.pipeline.records import CellResult, RoiResult
@@ -52,9 +54,16 @@ def _chunk(index: int) -> tuple[list[RoiResult], list[CellResult]]:
 
 
 def _write(db: Database, scan_id: int, attempt: int, index: int) -> None:
-    with db.session() as s, s.begin():
+    with db.transaction() as s:  # as the lifecycle writes a chunk
         jobs.hold_scan(s, scan_id, attempt)
         queries.write_chunk(s, scan_id, *_chunk(index))
+
+
+LEASE_S = 60.0
+
+
+def _after_lease() -> datetime:
+    return utc_now() + timedelta(seconds=LEASE_S + 1)
 
 
 def _rows(db: Database, scan_id: int) -> int:
@@ -65,10 +74,13 @@ def _rows(db: Database, scan_id: int) -> int:
 def test_a_second_claim_fences_off_the_first_and_clears_its_rows(db: Database) -> None:
     _, scan_id = _queued_scan(db)
     with db.session() as s, s.begin():
-        first = jobs.claim_scan(s, scan_id, "w1")
+        first = jobs.claim_scan(s, scan_id, "w1", LEASE_S)
     _write(db, scan_id, first.attempt, 0)
-    with db.session() as s, s.begin():
-        second = jobs.claim_scan(s, scan_id, "w2")  # the job delivered again
+    with db.session() as s, s.begin():  # delivered again while w1's lease is live: held
+        assert isinstance(jobs.claim_scan(s, scan_id, "w2", LEASE_S), jobs.Held)
+    assert _rows(db, scan_id) == 1
+    with db.session() as s, s.begin():  # delivered again after w1 stopped renewing
+        second = jobs.claim_scan(s, scan_id, "w2", LEASE_S, now=_after_lease())
     assert (first.attempt, second.attempt) == (1, 2)
     assert _rows(db, scan_id) == 0  # the first attempt's partial rows are gone
     with pytest.raises(ScanSupersededError, match="claimed by w2"):
@@ -80,14 +92,14 @@ def test_a_second_claim_fences_off_the_first_and_clears_its_rows(db: Database) -
 def test_finished_or_cancelled_scans_are_not_claimed(db: Database) -> None:
     _, scan_id = _queued_scan(db)
     with db.session() as s, s.begin():
-        claim = jobs.claim_scan(s, scan_id, "w1")
+        claim = jobs.claim_scan(s, scan_id, "w1", LEASE_S)
     with db.session() as s, s.begin():
         queries.cancel_scan(s, scan_id)
     with pytest.raises(ScanSupersededError, match="cancelled"):
         _write(db, scan_id, claim.attempt, 0)
     with db.session() as s, s.begin():
-        assert jobs.claim_scan(s, scan_id, "w2") is None
-        assert jobs.claim_scan(s, 10**9, "w2") is None
+        assert jobs.claim_scan(s, scan_id, "w2", LEASE_S) is None
+        assert jobs.claim_scan(s, 10**9, "w2", LEASE_S) is None
 
 
 def test_requeue_and_equivalent_scans(db: Database) -> None:
@@ -95,7 +107,7 @@ def test_requeue_and_equivalent_scans(db: Database) -> None:
     with db.session() as s, s.begin():
         assert jobs.find_equivalent_scan(s, slide_id, VERSIONS).id == scan_id
         assert jobs.find_equivalent_scan(s, slide_id, {**VERSIONS, "cell_detector": 2}) is None
-        claim = jobs.claim_scan(s, scan_id, "w1")
+        claim = jobs.claim_scan(s, scan_id, "w1", LEASE_S)
         assert jobs.give_up_scan(s, scan_id, "the slide is corrupt.", claim.attempt)
         assert jobs.find_equivalent_scan(s, slide_id, VERSIONS) is None  # failed: resubmit
         scan = jobs.requeue_scan(s, scan_id)
@@ -108,7 +120,7 @@ def test_requeue_and_equivalent_scans(db: Database) -> None:
 def test_running_scans_report_progress_and_eta(db: Database) -> None:
     _, scan_id = _queued_scan(db)
     with db.session() as s, s.begin():
-        claim = jobs.claim_scan(s, scan_id, "w1")
+        claim = jobs.claim_scan(s, scan_id, "w1", LEASE_S)
         jobs.plan_scan(s, scan_id, claim.attempt, 4)
     _write(db, scan_id, claim.attempt, 0)
     with db.session() as s:
@@ -117,6 +129,101 @@ def test_running_scans_report_progress_and_eta(db: Database) -> None:
     assert running and running[0].progress == 0.25 and running[0].worker == "w1"
     assert running[0].eta_s is not None and running[0].eta_s >= 0
     assert scan.rois_done == 1
+
+
+def test_a_worker_takes_back_its_own_lease_only_when_it_is_not_running_the_scan(
+    db: Database,
+) -> None:
+    _, scan_id = _queued_scan(db)
+    with db.transaction() as s:
+        first = jobs.claim_scan(s, scan_id, "w1", LEASE_S)
+    with db.transaction() as s:  # a retry reaching w1 while w1 runs the scan: held
+        assert isinstance(
+            jobs.claim_scan(s, scan_id, "w1", LEASE_S, running_here={scan_id}), jobs.Held
+        )
+    with db.transaction() as s:  # w1's own retry after a transient error: taken back
+        again = jobs.claim_scan(s, scan_id, "w1", LEASE_S, running_here=set())
+    assert again.attempt == first.attempt + 1
+
+
+def test_chunk_writes_renew_the_lease_and_the_reaper_requeues_only_expired_ones(
+    db: Database,
+) -> None:
+    _, live = _queued_scan(db)
+    _, dead = _queued_scan(db)
+    with db.transaction() as s:
+        live_claim = jobs.claim_scan(s, live, "w1", 1.0)
+        jobs.claim_scan(s, dead, "w2", 1.0)
+    with db.transaction() as s:
+        jobs.hold_scan(s, live, live_claim.attempt, lease_s=LEASE_S)  # a chunk renews it
+    with db.transaction() as s:
+        reaped = [i for i, _ in jobs.reap_expired_leases(s, now=utc_now() + timedelta(seconds=2))]
+    assert dead in reaped and live not in reaped
+    with db.session() as s:
+        assert s.get(Scan, dead).status == "queued" and s.get(Scan, live).status == "running"
+    with pytest.raises(ScanSupersededError):  # the dead worker's late write is fenced off
+        _write(db, dead, 1, 0)
+
+
+def test_two_reapers_at_once_requeue_each_scan_exactly_once(db: Database) -> None:
+    expired = []
+    for _ in range(6):
+        _, scan_id = _queued_scan(db)
+        with db.transaction() as s:
+            jobs.claim_scan(s, scan_id, "gone", 1.0)
+        expired.append(scan_id)
+    later = utc_now() + timedelta(seconds=2)
+    results: list[list[int]] = []
+    barrier = threading.Barrier(3)
+
+    def reaper() -> None:
+        barrier.wait()
+        with db.transaction() as s:
+            results.append([i for i, _ in jobs.reap_expired_leases(s, now=later)])
+
+    threads = [threading.Thread(target=reaper) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    mine = sorted(i for r in results for i in r if i in expired)
+    assert mine == expired
+
+
+def test_a_fenced_off_writer_is_superseded_never_transient(db: Database) -> None:
+    """Real threads: a worker writing chunks while its scan is claimed again beneath it.
+
+    On SQLite, a deferred transaction that read the row before the new claim committed
+    would fail "database is locked" (its snapshot is stale) and be retried as transient;
+    with `BEGIN IMMEDIATE` the writer waits, reads the new attempt, and stops superseded.
+    """
+    for _ in range(5):
+        _, scan_id = _queued_scan(db)
+        with db.transaction() as s:
+            claim = jobs.claim_scan(s, scan_id, "w1", 0.5)
+        outcome: list[BaseException] = []
+        started = threading.Event()
+
+        def writer(
+            scan_id=scan_id, attempt=claim.attempt, outcome=outcome, started=started
+        ) -> None:
+            try:
+                for index in range(10_000):
+                    _write(db, scan_id, attempt, index)
+                    started.set()
+            except BaseException as exc:
+                outcome.append(exc)
+            started.set()
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        started.wait(30)
+        with db.transaction() as s:
+            second = jobs.claim_scan(s, scan_id, "w2", LEASE_S, now=_after_lease())
+        thread.join(timeout=60)
+        assert second is not None and second.attempt == 2
+        assert len(outcome) == 1 and isinstance(outcome[0], ScanSupersededError), outcome
+        assert _rows(db, scan_id) == 0
 
 
 # --- one delivery of a job, in this process (real models, SQLite) ----------------------
@@ -142,8 +249,8 @@ def small_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _runtime(db: Database, models, soft_limit_s: float = 3600.0):
+    from worker.lifecycle import ScanRuntime
     from worker.pipeline.scan import ScanOptions
-    from worker.scan_job import ScanRuntime
 
     return ScanRuntime(db, models, ScanOptions(chunk_rois=2), "here", soft_limit_s)
 
@@ -162,13 +269,13 @@ def _submitted(db: Database, path: Path, fingerprint: str | None = None) -> int:
 def test_a_delivery_scans_and_a_duplicate_delivery_is_skipped(
     tmp_path: Path, models, small_slide: Path
 ) -> None:
-    from worker.scan_job import Outcome, run_queued_scan
+    from worker.lifecycle import Outcome, run_scan
 
     db = Database(f"sqlite:///{tmp_path / 'r.db'}")
     db.create_schema()
     scan_id = _submitted(db, small_slide)
-    assert run_queued_scan(_runtime(db, models), scan_id) is Outcome.DONE
-    assert run_queued_scan(_runtime(db, models), scan_id) is Outcome.SKIPPED
+    assert run_scan(_runtime(db, models), scan_id).outcome is Outcome.DONE
+    assert run_scan(_runtime(db, models), scan_id).outcome is Outcome.SKIPPED
     with db.session() as s:
         scan = s.get(Scan, scan_id)
         assert (scan.status, scan.attempt, scan.worker) == ("done", 1, "here")
@@ -179,12 +286,12 @@ def test_a_delivery_scans_and_a_duplicate_delivery_is_skipped(
 def test_the_soft_time_limit_fails_the_scan_without_rows(
     tmp_path: Path, models, small_slide: Path
 ) -> None:
-    from worker.scan_job import Outcome, run_queued_scan
+    from worker.lifecycle import Outcome, run_scan
 
     db = Database(f"sqlite:///{tmp_path / 'r.db'}")
     db.create_schema()
     scan_id = _submitted(db, small_slide)
-    assert run_queued_scan(_runtime(db, models, soft_limit_s=0.0), scan_id) is Outcome.FAILED
+    assert run_scan(_runtime(db, models, soft_limit_s=0.0), scan_id).outcome is Outcome.FAILED
     with db.session() as s:
         scan = s.get(Scan, scan_id)
         assert scan.status == "failed" and "soft time limit" in scan.error
@@ -194,11 +301,53 @@ def test_the_soft_time_limit_fails_the_scan_without_rows(
 def test_a_file_replaced_after_submit_fails_its_scan(
     tmp_path: Path, models, small_slide: Path
 ) -> None:
-    from worker.scan_job import Outcome, run_queued_scan
+    from worker.lifecycle import Outcome, run_scan
 
     db = Database(f"sqlite:///{tmp_path / 'r.db'}")
     db.create_schema()
     scan_id = _submitted(db, small_slide, fingerprint="another file's fingerprint")
-    assert run_queued_scan(_runtime(db, models), scan_id) is Outcome.FAILED
+    assert run_scan(_runtime(db, models), scan_id).outcome is Outcome.FAILED
     with db.session() as s:
         assert "fingerprint changed" in s.get(Scan, scan_id).error
+
+
+# --- model identity: the weights' sha256 ----------------------------------------------
+
+
+def test_equivalent_scans_compare_weights_not_only_version_numbers(db: Database) -> None:
+    hashes = {"cell_detector": "a" * 64, "cell_classifier": "b" * 64, "roi_classifier": "c" * 64}
+    with db.transaction() as s:
+        slide = queries.upsert_slide(
+            s,
+            fingerprint=uuid.uuid4().hex,
+            path="/slides/y.svs",
+            vendor="aperio",
+            width=4096,
+            height=4096,
+            mpp_x=0.5,
+            mpp_y=0.5,
+        )
+        scan = queries.create_scan(s, slide.id, VERSIONS, model_sha256=hashes)
+        retrained = {**hashes, "cell_classifier": "d" * 64}  # version 1 rewritten
+        assert jobs.find_equivalent_scan(s, slide.id, VERSIONS, hashes).id == scan.id
+        assert jobs.find_equivalent_scan(s, slide.id, VERSIONS, retrained) is None
+        assert jobs.scans_using_weights(s, "cell_classifier", "b" * 64) >= 1
+
+
+def test_a_version_folder_that_scans_used_is_not_overwritten(tmp_path: Path) -> None:
+    from engines.hashing import file_sha256
+    from train.export.repository import VersionInUseError, refuse_if_scanned
+
+    version_dir = tmp_path / "repo" / "cell_classifier" / "1"
+    version_dir.mkdir(parents=True)
+    (version_dir / "model.onnx").write_bytes(b"weights that a scan ran")
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    db.create_schema()
+    url = str(db.url)
+    refuse_if_scanned(version_dir, "cell_classifier", url)  # no scan used it yet
+    sha = file_sha256(version_dir / "model.onnx")
+    _, scan_id = _queued_scan(db)
+    with db.transaction() as s:
+        s.get(Scan, scan_id).model_sha256 = {"cell_classifier": sha}
+    with pytest.raises(VersionInUseError, match=r"1 scan\(s\)"):
+        refuse_if_scanned(version_dir, "cell_classifier", url)

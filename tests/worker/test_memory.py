@@ -17,7 +17,7 @@ SCAN_AND_MEASURE = """
 import json, resource, sys
 from engines.repository import ModelRepository, default_repository_path
 from worker.db.session import Database
-from worker.scanner import scan_file
+from worker.lifecycle import scan_file
 report = scan_file(sys.argv[1], Database(sys.argv[2]), ModelRepository(default_repository_path()))
 peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"peak_mib": peak_mib, "cells": report.summary.cell_count,

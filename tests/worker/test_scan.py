@@ -23,8 +23,8 @@ from worker.db import queries
 from worker.db.export import write_cells
 from worker.db.models import Cell, Roi, Scan
 from worker.db.session import Database
+from worker.lifecycle import scan_file
 from worker.pipeline.scan import ScanModels, ScanOptions, ScanPipeline
-from worker.scanner import scan_file
 from worker.wsi.slide import open_slide
 
 pytestmark = pytest.mark.slow

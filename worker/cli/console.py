@@ -16,7 +16,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from worker.scanner import ScanReport
+from worker.lifecycle import ScanReport
 
 err = Console(stderr=True)
 out = Console()

@@ -75,8 +75,8 @@ def scan(
 ) -> None:
     """Scan one slide in this process and write the results to the database."""
     from worker.cli.console import out, print_report, roi_progress
+    from worker.lifecycle import scan_file
     from worker.pipeline.scan import ScanOptions
-    from worker.scanner import scan_file
     from worker.settings import get_settings
 
     with roi_progress(slide.name, enabled=progress and not as_json) as on_progress:
@@ -209,7 +209,7 @@ def demo(
     from train.evaluation import match_cells
     from train.synth import read_truth, write_synthetic_slide
     from worker.cli.console import out, print_report, roi_progress
-    from worker.scanner import scan_file
+    from worker.lifecycle import scan_file
 
     path = Path(user_cache_dir("papscan")) / f"demo-{size}-{cells}.tiff"
     if not path.exists():

@@ -9,17 +9,24 @@ that status and attempt are still its own) in the same transaction as the write.
 PostgreSQL the row lock orders a claim against a chunk write, so an attempt that lost
 its claim fails its next write instead of adding rows beside the new attempt's.
 
+A running scan also holds a *lease* (`lease_expires_at`), renewed while its worker runs
+it (`renew_lease`, and every `hold_scan` with `lease_s`): a delivery that finds a live
+lease held by someone else is dropped (`claim_scan` says `Held`), so a retried job or a
+redelivery while the first worker is alive restarts nothing, and `reap_expired_leases`
+puts a scan whose worker stopped renewing back in the queue long before Redis's
+visibility timeout would.
+
 Like `queries`, no function here commits; the caller owns the transaction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from worker.db import queries
@@ -30,6 +37,7 @@ __all__ = [
     "PENDING_OR_DONE",
     "Claim",
     "FailedScan",
+    "Held",
     "RunningScan",
     "WorkerThroughput",
     "claim_scan",
@@ -39,9 +47,14 @@ __all__ = [
     "give_up_scan",
     "hold_scan",
     "plan_scan",
+    "reap_expired_leases",
     "recent_failures",
+    "release_leases",
+    "renew_lease",
     "requeue_scan",
     "running_scans",
+    "unreap",
+    "scans_using_weights",
     "worker_throughput",
 ]
 
@@ -59,6 +72,7 @@ class Claim:
         attempt: this delivery's attempt number (1 for the first).
         slide_path: where the slide file was when it was submitted.
         fingerprint: the slide's recorded fingerprint (the file must still match it).
+        mpp: the slide's recorded microns per pixel (given at submit for a file without).
         model_versions: engine name -> version recorded at submit.
     """
 
@@ -66,23 +80,50 @@ class Claim:
     attempt: int
     slide_path: str
     fingerprint: str
+    mpp: float
     model_versions: dict[str, Any]
 
 
-def claim_scan(s: Session, scan_id: int, worker: str) -> Claim | None:
-    """Claim a queued (or orphaned running) scan for this delivery and clear its rows.
+@dataclass(frozen=True)
+class Held:
+    """A claim refused: the scan is running under a live lease held by `worker`."""
+
+    scan_id: int
+    worker: str | None
+    lease_expires_at: datetime
+
+
+def claim_scan(
+    s: Session,
+    scan_id: int,
+    worker: str,
+    lease_s: float,
+    *,
+    running_here: Container[int] = (),
+    now: datetime | None = None,
+) -> Claim | Held | None:
+    """Claim a queued scan, or a running one whose lease ran out, and clear its rows.
 
     Args:
         scan_id: the scan.
-        worker: who runs it (the Celery node name).
+        worker: who runs it (the Celery node name); unique per worker process.
+        lease_s: how long the claim holds without renewal.
+        running_here: scans this process is running now: a live lease of `worker`'s own
+            on any other scan is stale (its last delivery died with a transient error)
+            and is taken back.
+        now: the time (tests).
 
     Returns:
-        The claim, or None when there is nothing to do: no such scan, or it is done,
-        failed or cancelled (a duplicate or stale delivery).
+        The claim; `Held` when another delivery holds a live lease on it; None when there
+        is nothing to do: no such scan, or it is done, failed or cancelled.
     """
+    now = now or utc_now()
     scan = s.get(Scan, scan_id, with_for_update=True, populate_existing=True)
     if scan is None or scan.status not in _CLAIMABLE:
         return None
+    if scan.status == "running" and _lease_live(scan, now):
+        if scan.worker != worker or scan_id in running_here:
+            return Held(scan_id, scan.worker, _aware(scan.lease_expires_at))
     slide = s.get(Slide, scan.slide_id)
     queries.clear_scan_rows(s, scan_id)
     scan.status = "running"
@@ -91,25 +132,33 @@ def claim_scan(s: Session, scan_id: int, worker: str) -> Claim | None:
     scan.rois_planned = None
     scan.rois_done = 0
     scan.error = None
-    scan.started_at = utc_now()
+    scan.warnings = None
+    scan.started_at = now
     scan.finished_at = None
+    scan.heartbeat_at = now
+    scan.lease_expires_at = now + timedelta(seconds=lease_s)
     s.flush()
     return Claim(
         scan_id=scan_id,
         attempt=scan.attempt,
         slide_path=slide.path,
         fingerprint=slide.fingerprint,
+        mpp=slide.mpp_x,
         model_versions=dict(scan.model_versions or {}),
     )
 
 
-def hold_scan(s: Session, scan_id: int, attempt: int) -> Scan:
-    """Lock the scan row and check it is still this attempt's to write.
+def hold_scan(s: Session, scan_id: int, attempt: int, lease_s: float | None = None) -> Scan:
+    """Lock the scan row, check it is still this attempt's to write, renew its lease.
 
     Call first in every transaction that writes for a claimed scan.
 
+    Args:
+        lease_s: renew the lease for this long from now (None: leave it).
+
     Raises:
-        ScanSupersededError: the scan was cancelled, deleted, finished, or claimed again.
+        ScanSupersededError: the scan was cancelled, deleted, finished, re-queued or
+            claimed again.
     """
     scan = s.get(Scan, scan_id, with_for_update=True, populate_existing=True)
     if scan is None:
@@ -117,7 +166,88 @@ def hold_scan(s: Session, scan_id: int, attempt: int) -> Scan:
     if scan.status != "running" or scan.attempt != attempt:
         state = scan.status if scan.status != "running" else f"claimed by {scan.worker}"
         raise ScanSupersededError(scan_id, state)
+    if lease_s is not None:
+        now = utc_now()
+        scan.heartbeat_at = now
+        scan.lease_expires_at = now + timedelta(seconds=lease_s)
     return scan
+
+
+def renew_lease(s: Session, scan_id: int, attempt: int, lease_s: float) -> None:
+    """Extend a claimed scan's lease by `lease_s` from now.
+
+    Raises:
+        ScanSupersededError: see `hold_scan`.
+    """
+    hold_scan(s, scan_id, attempt, lease_s)
+    s.flush()
+
+
+def release_leases(s: Session, scan_ids: Sequence[int], worker: str) -> int:
+    """End now the leases `worker` holds on these running scans, for reapers to re-queue.
+
+    Returns:
+        How many leases were ended.
+    """
+    if not scan_ids:
+        return 0
+    result = s.execute(
+        update(Scan)
+        .where(Scan.id.in_(list(scan_ids)), Scan.status == "running", Scan.worker == worker)
+        .values(lease_expires_at=utc_now()),
+        execution_options={"synchronize_session": False},
+    )
+    return result.rowcount
+
+
+def reap_expired_leases(
+    s: Session, *, grace_s: float = 0.0, now: datetime | None = None, limit: int = 100
+) -> list[tuple[int, str]]:
+    """Put running scans whose lease ended more than `grace_s` ago back to queued.
+
+    Their partial rows stay until the next claim clears them; a late write of the lost
+    worker is fenced off (the scan is no longer running under its attempt). Rows locked
+    by another reaper are skipped on PostgreSQL, so reapers never queue a scan twice.
+
+    Returns:
+        (scan id, priority) of each re-queued scan; the caller sends their jobs after
+        the transaction commits.
+    """
+    cutoff = (now or utc_now()) - timedelta(seconds=grace_s)
+    query = (
+        select(Scan)
+        .where(
+            Scan.status == "running",
+            or_(Scan.lease_expires_at.is_(None), Scan.lease_expires_at < cutoff),
+        )
+        .order_by(Scan.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    requeued = []
+    for scan in s.scalars(query):
+        scan.status = "queued"
+        scan.lease_expires_at = None
+        scan.rois_planned = None
+        requeued.append((scan.id, scan.priority))
+    s.flush()
+    return requeued
+
+
+def unreap(s: Session, scan_ids: Sequence[int]) -> None:
+    """Undo `reap_expired_leases` for scans whose job could not be sent: the next reap
+    (or Redis's own redelivery) tries again."""
+    if scan_ids:
+        s.execute(
+            update(Scan)
+            .where(Scan.id.in_(list(scan_ids)), Scan.status == "queued")
+            .values(status="running", lease_expires_at=None),
+            execution_options={"synchronize_session": False},
+        )
+
+
+def _lease_live(scan: Scan, now: datetime) -> bool:
+    return scan.lease_expires_at is not None and _aware(scan.lease_expires_at) > now
 
 
 def plan_scan(s: Session, scan_id: int, attempt: int, rois_planned: int) -> None:
@@ -189,12 +319,21 @@ def requeue_scan(s: Session, scan_id: int) -> Scan:
     return scan
 
 
-def find_equivalent_scan(s: Session, slide_id: int, model_versions: dict[str, Any]) -> Scan | None:
-    """The newest queued, running or done scan of a slide with exactly these model versions.
+def find_equivalent_scan(
+    s: Session,
+    slide_id: int,
+    model_versions: dict[str, Any],
+    model_sha256: dict[str, str] | None = None,
+) -> Scan | None:
+    """The newest queued, running or done scan of a slide with exactly these models.
+
+    Models are the same when their weights' sha256 match; a scan recorded before papscan
+    kept hashes is compared by version numbers alone.
 
     Args:
         slide_id: the slide.
         model_versions: engine name -> version.
+        model_sha256: engine name -> weights sha256 (None: compare versions only).
     """
     wanted = {k: int(v) for k, v in model_versions.items()}
     scans = s.scalars(
@@ -203,9 +342,20 @@ def find_equivalent_scan(s: Session, slide_id: int, model_versions: dict[str, An
         .order_by(Scan.id.desc())
     )
     for scan in scans:
-        if {k: int(v) for k, v in (scan.model_versions or {}).items()} == wanted:
-            return scan
+        if {k: int(v) for k, v in (scan.model_versions or {}).items()} != wanted:
+            continue
+        if model_sha256 and scan.model_sha256 and dict(scan.model_sha256) != model_sha256:
+            continue
+        return scan
     return None
+
+
+def scans_using_weights(s: Session, model: str, sha256: str) -> int:
+    """How many scans ran (or are queued to run) `model` with weights of this sha256."""
+    count = 0
+    for hashes in s.scalars(select(Scan.model_sha256).where(Scan.model_sha256.is_not(None))):
+        count += (hashes or {}).get(model) == sha256
+    return count
 
 
 # --- what `papscan status` shows ------------------------------------------------------
@@ -217,6 +367,9 @@ class RunningScan:
 
     Attributes:
         eta_s: seconds left at the pace so far, None until the first chunk is written.
+        heartbeat_at: when its worker last renewed the lease.
+        stale: its lease ran out: its worker is dead or stuck, and a live worker's
+            reaper will queue it again.
     """
 
     scan_id: int
@@ -229,6 +382,8 @@ class RunningScan:
     started_at: datetime | None
     progress: float | None
     eta_s: float | None
+    heartbeat_at: datetime | None = None
+    stale: bool = False
 
 
 @dataclass(frozen=True)
@@ -282,6 +437,8 @@ def running_scans(s: Session, now: datetime | None = None) -> list[RunningScan]:
                 started_at=scan.started_at,
                 progress=progress,
                 eta_s=eta,
+                heartbeat_at=_aware(scan.heartbeat_at) if scan.heartbeat_at else None,
+                stale=not _lease_live(scan, now),
             )
         )
     return out

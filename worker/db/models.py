@@ -94,7 +94,10 @@ class Scan(Base):
     Progress is `rois_done / rois_planned`. `attempt` counts the times a worker claimed
     the scan (a job redelivered after its worker died claims it again); a worker writes
     only while the row still carries its own attempt, so two deliveries of one job never
-    both write rows.
+    both write rows. A running scan's `worker` holds a lease until `lease_expires_at`,
+    renewed while it runs (`heartbeat_at`): no one else claims it before the lease ends.
+    `model_sha256` (engine -> artifact sha256) is the models' identity, `model_versions`
+    their names for people.
     """
 
     __tablename__ = "scans"
@@ -113,6 +116,8 @@ class Scan(Base):
     status: Mapped[str] = mapped_column(String(16), default="queued")
     priority: Mapped[str] = mapped_column(String(16), default="routine")
     model_versions: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    model_sha256: Mapped[dict[str, Any] | None]
+    warnings: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     stage_timings_ms: Mapped[dict[str, Any] | None]
     rois_planned: Mapped[int | None] = mapped_column(Integer)
     rois_done: Mapped[int] = mapped_column(Integer, default=0)
@@ -123,6 +128,8 @@ class Scan(Base):
     created_at: Mapped[datetime] = mapped_column(default=utc_now, server_default=func.now())
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    lease_expires_at: Mapped[datetime | None]
 
 
 class Roi(Base):

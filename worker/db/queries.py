@@ -169,12 +169,14 @@ def create_scan(
     model_versions: dict[str, int | str],
     priority: str = "routine",
     reader: str | None = None,
+    model_sha256: dict[str, str] | None = None,
 ) -> Scan:
     """Record a queued scan of a slide.
 
     Args:
         slide_id: the slide's id.
         model_versions: engine name -> version used (e.g. {"cell_detector": 1}).
+        model_sha256: engine name -> sha256 of its weights (the models' identity).
         priority: queue priority label (e.g. "routine", "urgent").
         reader: how regions are read, if known (e.g. "dali-cpu", "openslide").
 
@@ -186,6 +188,7 @@ def create_scan(
         status="queued",
         priority=priority,
         model_versions=dict(model_versions),
+        model_sha256=dict(model_sha256) if model_sha256 else None,
         rois_done=0,
         reader=reader,
         created_at=utc_now(),
@@ -435,6 +438,7 @@ def finish_scan(
         )
     )
     scan.status = "done"
+    scan.lease_expires_at = None
     if reader is not None:
         scan.reader = reader
     scan.stage_timings_ms = {k: float(v) for k, v in timings_ms.items()}
@@ -455,6 +459,7 @@ def fail_scan(s: Session, scan_id: int, error: str) -> Scan:
     """
     scan = get_scan(s, scan_id)
     scan.status = "failed"
+    scan.lease_expires_at = None
     scan.error = error[:_MAX_ERROR_CHARS]
     scan.finished_at = utc_now()
     s.flush()
@@ -470,6 +475,7 @@ def cancel_scan(s: Session, scan_id: int) -> Scan:
     scan = get_scan(s, scan_id)
     if scan.status in ("queued", "running"):
         scan.status = "cancelled"
+        scan.lease_expires_at = None
         scan.finished_at = utc_now()
         s.flush()
     return scan

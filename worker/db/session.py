@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +153,29 @@ class Database:
         is the transaction.
         """
         return self._sessionmaker()
+
+    @contextmanager
+    def transaction(
+        self, *, write: bool = True, timeout_s: float | None = None
+    ) -> Iterator[Session]:
+        """A session in one transaction, committed on success, rolled back on error.
+
+        Args:
+            write: on SQLite, take the write lock at `BEGIN IMMEDIATE`, so two writers
+                queue at the start instead of one failing "database is locked" halfway
+                (a fenced-off writer then waits, reads the row and finds it superseded).
+            timeout_s: bound every lock wait and statement on PostgreSQL (`lock_timeout`,
+                `statement_timeout`), for code that must not hang when the database is
+                what is stuck; SQLite waits at most its busy timeout.
+        """
+        with self.session() as s, s.begin():
+            options = {_SQLITE_BEGIN_OPTION: "IMMEDIATE"} if write and self._is_sqlite else {}
+            conn = s.connection(execution_options=options)
+            if timeout_s is not None and not self._is_sqlite:
+                ms = max(1, int(timeout_s * 1000))
+                conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
+            yield s
 
     def check(self) -> None:
         """Connect and run a trivial query.

@@ -35,7 +35,7 @@ from engines.contract import (
 from engines.model import Model
 from engines.postprocess import decode_yolo
 from engines.preprocess import cut_crops, to_input
-from engines.repository import ModelRepository
+from engines.repository import ModelRepository, weights_sha256
 from worker.pipeline.aggregate import SlideAggregator
 from worker.pipeline.detect import l0_boxes_in_core
 from worker.pipeline.plan import cellular_mask, plan_rois
@@ -93,6 +93,10 @@ class ScanModels:
     def versions(self) -> dict[str, int]:
         """Model name -> version used, for the scan row."""
         return {m.config.name: m.version for m in self.all()}
+
+    def weights_sha256(self) -> dict[str, str]:
+        """Model name -> sha256 of its weights, the models' identity on the scan row."""
+        return {m.config.name: weights_sha256(m.version_dir, m.config) for m in self.all()}
 
     def all(self) -> tuple[Model, Model, Model]:
         return (self.detector, self.cell_classifier, self.roi_classifier)

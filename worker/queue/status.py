@@ -27,7 +27,8 @@ class QueueStatus:
     Attributes:
         depths: jobs waiting per priority queue, and `in_flight` (taken, not yet done);
             None when the broker could not be reached (`broker_error` says why).
-        running: scans in progress.
+        running: scans in progress; `stale` ones lost their worker (no lease renewal).
+        dead_workers: workers whose every running scan is stale: dead or stuck.
         throughput: per worker, over `window`.
         failures: recent failed scans.
     """
@@ -36,6 +37,7 @@ class QueueStatus:
     depths: dict[str, int] | None
     broker_error: str | None
     running: list[jobs.RunningScan]
+    dead_workers: list[str]
     throughput: list[jobs.WorkerThroughput]
     failures: list[jobs.FailedScan]
     window: timedelta
@@ -67,11 +69,13 @@ def collect_status(
     except BrokerUnavailableError as exc:
         depths, broker_error = None, str(exc)
     with db.session() as s:
+        running = jobs.running_scans(s, now)
         return QueueStatus(
             taken_at=now,
             depths=depths,
             broker_error=broker_error,
-            running=jobs.running_scans(s, now),
+            running=running,
+            dead_workers=_dead_workers(running),
             throughput=jobs.worker_throughput(s, window, now),
             failures=jobs.recent_failures(s, limit=failures, now=now),
             window=window,
@@ -97,22 +101,36 @@ def render_status(status: QueueStatus) -> Any:
             )
         )
     running = Table(title="running scans", header_style="bold", box=None, title_justify="left")
-    for column in ("scan", "slide", "worker", "priority", "progress", "ETA"):
+    for column in ("scan", "slide", "worker", "priority", "progress", "ETA", "heartbeat"):
         running.add_column(column, justify="right" if column in ("scan", "progress") else "left")
     for r in status.running:
         progress = "planning" if r.progress is None else f"{r.progress:.0%}"
         if r.rois_planned:
             progress += f" ({r.rois_done}/{r.rois_planned})"
         attempt = f" (attempt {r.attempt})" if r.attempt > 1 else ""
+        since = None if r.heartbeat_at is None else (status.taken_at - r.heartbeat_at)
+        heartbeat = "-" if since is None else _duration(since.total_seconds()) + " ago"
         running.add_row(
             str(r.scan_id),
             r.slide_path,
             (r.worker or "?") + attempt,
             r.priority,
             progress,
-            _duration(r.eta_s),
+            "stale" if r.stale else _duration(r.eta_s),
+            heartbeat,
+            style="red" if r.stale else None,
         )
     parts.append(running if status.running else Text("no scan running"))
+    if status.dead_workers:
+        stale = sum(r.stale for r in status.running)
+        parts.append(
+            Text(
+                f"dead or stuck workers: {', '.join(status.dead_workers)} (no lease renewal);"
+                f" their {stale} stale scan(s) go back to the queue at the next reaper round"
+                " of any live worker.",
+                style="red",
+            )
+        )
     hours = status.window.total_seconds() / 3600
     workers = Table(
         title=f"workers (scans finished in the last {hours:g} h)",
@@ -139,6 +157,11 @@ def render_status(status: QueueStatus) -> Any:
             failed.add_row(str(f.scan_id), f.slide_path, _clock(f.finished_at), f.error or "")
         parts.append(failed)
     return Group(*parts)
+
+
+def _dead_workers(running: list[jobs.RunningScan]) -> list[str]:
+    live = {r.worker for r in running if not r.stale}
+    return sorted({r.worker or "?" for r in running if r.stale} - live)
 
 
 def _duration(seconds: float | None) -> str:

@@ -15,8 +15,15 @@ them (a bare `celery worker`, or a child after a fork) loads them lazily, once.
 Time limits: Celery enforces `task_soft_time_limit` / `task_time_limit` only in the
 prefork pool, so this task enforces them itself: past the soft limit the scan stops at
 its next chunk and fails (the worker goes on); past the hard limit a watchdog thread
-fails the scan and ends the process, whose supervisor starts it again, and the job, when
-Redis delivers it again, finds its scan failed and is dropped.
+fails the scan (every statement bounded, since the database may be what is stuck), ends
+the leases of any other scans in this process so live workers re-queue them at once,
+and ends the process within a short grace whatever the database does. Its supervisor
+starts it again; the job, when Redis delivers it again, finds its scan failed.
+
+Leases: a scan running here holds a lease renewed while it runs (`worker.lifecycle`).
+Every worker also runs a small reaper (`worker.queue.reaper`) that re-queues scans whose
+lease ran out, so a SIGKILLed worker's slide starts again within minutes, not after
+Redis's visibility timeout.
 """
 
 from __future__ import annotations
@@ -27,13 +34,15 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from celery.signals import worker_ready, worker_shutdown
 from celery.utils.time import get_exponential_backoff_interval
 
 from worker.db import jobs
 from worker.db.session import Database
 from worker.errors import TransientError
+from worker.lifecycle import Outcome, ScanRuntime, run_scan
 from worker.queue.app import SCAN_TASK, app
-from worker.scan_job import Outcome, ScanRuntime, run_queued_scan
+from worker.queue.reaper import LeaseReaper
 from worker.settings import Settings, get_settings
 
 __all__ = ["load_runtime", "scan_slide"]
@@ -42,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 _MAX_RETRY_DELAY_S = 600
 _HARD_LIMIT_EXIT_CODE = 75  # EX_TEMPFAIL: restart me
+HARD_LIMIT_GRACE_S = 10.0  # the watchdog's database writes get this long, then exit
 
 _runtime: ScanRuntime | None = None
 _runtime_pid: int | None = None  # the process that loaded it: a forked child reloads
@@ -73,6 +83,7 @@ def load_runtime(worker: str, settings: Settings | None = None) -> ScanRuntime:
                 options=ScanOptions.from_settings(settings),
                 worker=worker,
                 soft_limit_s=settings.scan_soft_limit_s,
+                lease_s=settings.scan_lease_s,
             )
             _runtime_pid = os.getpid()
             logger.info("models loaded on %s: %s", worker, models.versions())
@@ -87,13 +98,13 @@ def scan_slide(self, scan_id: int) -> str:
         scan_id: the scan row to run (created by `papscan submit`).
 
     Returns:
-        How this delivery ended: done, failed, skipped or superseded.
+        How this delivery ended: done, failed, skipped, held or superseded.
     """
     settings = get_settings()
     runtime = load_runtime(self.request.hostname or "worker", settings)
-    with _hard_limit(runtime, scan_id, settings.scan_hard_limit_s):
+    with hard_limit(runtime, scan_id, settings.scan_hard_limit_s):
         try:
-            return run_queued_scan(runtime, scan_id).value
+            return run_scan(runtime, scan_id).outcome.value
         except TransientError as exc:
             retries = self.request.retries
             if retries >= settings.task_max_retries:
@@ -118,7 +129,7 @@ def _give_up(runtime: ScanRuntime, scan_id: int, retries: int, exc: Exception) -
     sentence = f"gave up after {retries} retries: {exc}"
     logger.error("scan %d: %s", scan_id, sentence)
     try:
-        with runtime.db.session() as s, s.begin():
+        with runtime.db.transaction() as s:
             jobs.give_up_scan(s, scan_id, sentence)
     except TransientError:
         logger.error("scan %d: could not record the failure either; it stays queued", scan_id)
@@ -126,21 +137,32 @@ def _give_up(runtime: ScanRuntime, scan_id: int, retries: int, exc: Exception) -
 
 
 @contextmanager
-def _hard_limit(runtime: ScanRuntime, scan_id: int, limit_s: float) -> Iterator[None]:
-    """Fail the scan and end the process if the job is still running after `limit_s`."""
+def hard_limit(
+    runtime: ScanRuntime, scan_id: int, limit_s: float, grace_s: float = HARD_LIMIT_GRACE_S
+) -> Iterator[None]:
+    """Fail the scan and end the process if the job is still running after `limit_s`.
+
+    The exit does not wait on the database: it comes `grace_s` after the limit whatever
+    the failure's write is blocked on (a held row lock, an unreachable server).
+    """
 
     def stop() -> None:
+        threading.Timer(grace_s, _exit_now).start()  # unconditional, even if the write hangs
         sentence = (
             f"scan {scan_id} ran past its hard time limit of {limit_s:.0f} s"
             " (PAPSCAN_SCAN_HARD_LIMIT_S); its worker process was ended."
         )
         logger.critical(sentence)
+        with runtime._lock:
+            others = [i for i in runtime.running if i != scan_id]
         try:
-            with runtime.db.session() as s, s.begin():
+            with runtime.db.transaction(timeout_s=grace_s / 2) as s:
                 jobs.give_up_scan(s, scan_id, sentence)
-        finally:
-            logging.shutdown()
-            os._exit(_HARD_LIMIT_EXIT_CODE)
+                # Scans beside it in this process die with it: let reapers take them now.
+                jobs.release_leases(s, others, runtime.worker)
+        except Exception:
+            logger.exception("scan %d: could not record the hard-limit failure", scan_id)
+        _exit_now()
 
     timer = threading.Timer(limit_s, stop)
     timer.daemon = True
@@ -150,3 +172,26 @@ def _hard_limit(runtime: ScanRuntime, scan_id: int, limit_s: float) -> Iterator[
         yield
     finally:
         timer.cancel()
+
+
+def _exit_now() -> None:
+    logging.shutdown()
+    os._exit(_HARD_LIMIT_EXIT_CODE)
+
+
+_reaper: LeaseReaper | None = None
+
+
+@worker_ready.connect
+def _start_reaper(sender=None, **kwargs) -> None:
+    """Every worker re-queues scans whose lease ran out (a worker killed mid-slide)."""
+    global _reaper
+    settings = get_settings()
+    _reaper = LeaseReaper(Database(settings.db_url), settings.reaper_interval_s)
+    _reaper.start()
+
+
+@worker_shutdown.connect
+def _stop_reaper(sender=None, **kwargs) -> None:
+    if _reaper is not None:
+        _reaper.stop()

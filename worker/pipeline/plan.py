@@ -3,9 +3,10 @@
 The grid is regular at the detector's resolution: ROIs of `roi_px` with stride
 `roi_px - overlap_px`. Each ROI owns a *core*, its stride cell (the ROI less half the
 overlap on each inner side; the outermost cores reach the slide's edges), and the cores
-partition the slide exactly. The pipeline keeps a detection only where its centre lies in
-the ROI's core: that is the whole cross-ROI de-duplication, with no state shared between
-ROIs. Only ROIs whose core meets the mask are kept.
+partition the slide exactly. A detection is kept by the ROI whose core holds its centre,
+except where overlapping ROIs see one cell with boxes whose centres fall in different
+cores: near core borders `worker.pipeline.detect.CrossRoiDedup` matches boxes across
+neighbouring ROIs so each cell is kept once. Only ROIs whose core meets the mask are kept.
 
 Frames: `l0_` level-0 pixels; mask pixels are `mask_mpp` microns.
 """

@@ -37,7 +37,7 @@ from engines.postprocess import decode_yolo
 from engines.preprocess import cut_crops, to_input
 from engines.repository import ModelRepository, weights_sha256
 from worker.pipeline.aggregate import SlideAggregator
-from worker.pipeline.detect import l0_boxes_in_core
+from worker.pipeline.detect import CrossRoiDedup
 from worker.pipeline.plan import cellular_mask, plan_rois
 from worker.pipeline.records import CellResult, RoiResult, SlideSummary
 from worker.wsi.read import make_reader, read_ahead
@@ -264,6 +264,7 @@ class ScanPipeline:
             reader.name,
         )
         aggregator = SlideAggregator(self.severity, top_k=self.options.top_k)
+        dedup = CrossRoiDedup(plan)
         done = 0
         if progress:
             progress(0, len(rois))
@@ -274,7 +275,7 @@ class ScanPipeline:
                     read_ahead(_timed(reader, clock), rois, depth=self.options.read_ahead),
                     self._detector_batch(),
                 ):
-                    pending.extend(self._detect(batch, fields_px, clock))
+                    pending.extend(self._detect(batch, fields_px, dedup, clock))
                     if (
                         len(pending) >= self.options.chunk_rois
                         or self._pending_cells(pending)
@@ -309,9 +310,17 @@ class ScanPipeline:
     def _pending_cells(pending: list[_Pending]) -> int:
         return sum(len(p.det_scores) for p in pending)
 
-    def _detect(self, batch: list, fields_px: tuple[int, int], clock: StageClock) -> list[_Pending]:
+    def _detect(
+        self,
+        batch: list,
+        fields_px: tuple[int, int],
+        dedup: CrossRoiDedup,
+        clock: StageClock,
+    ) -> list[_Pending]:
         """Detects the cells of a batch of ROIs, cuts their crops and submits them to the
-        cell classifier; `fields_px` are the cell and ROI classifiers' crop fields."""
+        cell classifier; `fields_px` are the cell and ROI classifiers' crop fields. The
+        batch's ROIs go through `dedup` in plan order, so the cells kept do not depend on
+        how ROIs are batched."""
         crop_field_px, roi_field_px = fields_px
         images = np.stack([image for _, image in batch])
         det_model = self.models.detector
@@ -324,9 +333,7 @@ class ScanPipeline:
         with clock.stage("crop"):
             for (roi, image), det in zip(batch, detections, strict=True):
                 l0_per_px = roi.l0_w / image.shape[1]
-                l0_boxes, scores, kept = l0_boxes_in_core(
-                    det, (roi.l0_x, roi.l0_y), l0_per_px, roi.l0_core
-                )
+                l0_boxes, scores, kept = dedup.select(roi, det, l0_per_px)
                 centres = (det.boxes[kept, :2] + det.boxes[kept, 2:]) / 2
                 crops = cut_crops(image, centres, crop_field_px, self.crop_px)
                 roi_crops = None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
 import torchvision
 
-from engines.postprocess import decode_yolo, nms, pairwise_iou
+from engines import postprocess
+from engines.postprocess import MAX_NMS_CANDIDATES, decode_yolo, nms, pairwise_iou
 
 
 def random_boxes(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -25,6 +28,46 @@ def test_nms_matches_torchvision(seed: int, iou: float) -> None:
     ours = nms(boxes, scores, iou)
     theirs = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), iou).numpy()
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_nms_matches_torchvision_on_a_crowded_field() -> None:
+    """3000 boxes on 400 x 400 px: several blocks of IoU rows, below the candidate cap."""
+    rng = np.random.default_rng(11)
+    boxes = random_boxes(rng, 3000)
+    scores = rng.uniform(size=3000).astype(np.float32)
+    ours = nms(boxes, scores, 0.5)
+    theirs = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.5).numpy()
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_nms_compares_only_the_strongest_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """50 000 candidates: no IoU matrix larger than the cap's is built (50 000^2 would take
+    10 GB), memory stays under 100 MB, and the result is NMS over the strongest
+    `MAX_NMS_CANDIDATES`."""
+    rng = np.random.default_rng(5)
+    n = 50_000
+    xy = rng.uniform(0, 512, size=(n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 40, size=(n, 2))], axis=1).astype(np.float32)
+    scores = rng.uniform(size=n).astype(np.float32)
+    shapes: list[tuple[int, int]] = []
+
+    def bounded_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        shapes.append((len(a), len(b)))
+        assert len(a) * len(b) <= MAX_NMS_CANDIDATES**2, f"IoU matrix {len(a)} x {len(b)}"
+        return pairwise_iou(a, b)
+
+    monkeypatch.setattr(postprocess, "pairwise_iou", bounded_iou)
+    tracemalloc.start()
+    try:
+        ours = nms(boxes, scores, 0.5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert max(b for _, b in shapes) == MAX_NMS_CANDIDATES
+    assert peak < 100 * 2**20
+    top = np.argsort(-scores, kind="stable")[:MAX_NMS_CANDIDATES]
+    theirs = torchvision.ops.nms(torch.from_numpy(boxes[top]), torch.from_numpy(scores[top]), 0.5)
+    np.testing.assert_array_equal(ours, top[theirs.numpy()])
 
 
 def test_pairwise_iou_matches_torchvision() -> None:

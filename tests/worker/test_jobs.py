@@ -336,18 +336,17 @@ def test_equivalent_scans_compare_weights_not_only_version_numbers(db: Database)
 
 def test_a_version_folder_that_scans_used_is_not_overwritten(tmp_path: Path) -> None:
     from engines.hashing import file_sha256
-    from train.export.repository import VersionInUseError, refuse_if_scanned
 
     version_dir = tmp_path / "repo" / "cell_classifier" / "1"
     version_dir.mkdir(parents=True)
     (version_dir / "model.onnx").write_bytes(b"weights that a scan ran")
-    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
-    db.create_schema()
-    url = str(db.url)
-    refuse_if_scanned(version_dir, "cell_classifier", url)  # no scan used it yet
     sha = file_sha256(version_dir / "model.onnx")
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    jobs.refuse_overwrite_of_scanned_weights(db, version_dir, "cell_classifier", sha)  # no schema
+    db.create_schema()
+    jobs.refuse_overwrite_of_scanned_weights(db, version_dir, "cell_classifier", sha)  # unused
     _, scan_id = _queued_scan(db)
     with db.transaction() as s:
         s.get(Scan, scan_id).model_sha256 = {"cell_classifier": sha}
-    with pytest.raises(VersionInUseError, match=r"1 scan\(s\)"):
-        refuse_if_scanned(version_dir, "cell_classifier", url)
+    with pytest.raises(jobs.VersionInUseError, match=r"1 scan\(s\)"):
+        jobs.refuse_overwrite_of_scanned_weights(db, version_dir, "cell_classifier", sha)

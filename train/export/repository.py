@@ -14,13 +14,12 @@ import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from engines.errors import PapscanError
 from engines.hashing import file_sha256 as sha256_of
 from train.data.paths import PROJECT_ROOT
 from train.export.onnx_export import onnx_opset
@@ -95,44 +94,17 @@ def _flow(value: Any) -> str:
     )
 
 
-class VersionInUseError(PapscanError):
-    """A model version folder that scans have used cannot be overwritten."""
+# Checks run before a version folder is replaced: each gets (version folder, model name,
+# sha256 of the weights there) and raises to refuse. `train` never imports `worker`; the
+# `papscan` CLI, which composes both, installs the check against the results database.
+OverwriteGuard = Callable[[Path, str, str], None]
+_overwrite_guards: list[OverwriteGuard] = []
 
 
-def refuse_if_scanned(version_dir: Path, name: str, db_url: str | None = None) -> None:
-    """Refuse to replace a version whose weights scans in the results database ran.
-
-    Args:
-        version_dir: ``<repository>/<model>/<version>``.
-        name: the model's name.
-        db_url: the results database (default: papscan's settings).
-
-    Raises:
-        VersionInUseError: with the count of scans and what to do instead.
-    """
-    onnx = version_dir / "model.onnx"
-    if not onnx.is_file():
-        return
-    from worker.db import jobs
-    from worker.db.session import Database
-    from worker.settings import get_settings
-
-    db = Database(db_url or get_settings().db_url)
-    try:
-        if db.current_revision() is None:
-            return  # no scans have ever been recorded there
-        with db.session() as s:
-            used = jobs.scans_using_weights(s, name, sha256_of(onnx))
-    except PapscanError as exc:
-        logger.warning("could not check whether scans used %s: %s", version_dir, exc)
-        return
-    finally:
-        db.dispose()
-    if used:
-        raise VersionInUseError(
-            f"{version_dir} holds the weights of {name} that {used} scan(s) in {db.safe_url}"
-            " ran; write the new model as a new version or into another repository folder."
-        )
+def guard_overwrites(guard: OverwriteGuard) -> None:
+    """Run `guard` before any existing version folder is replaced (once per guard)."""
+    if guard not in _overwrite_guards:
+        _overwrite_guards.append(guard)
 
 
 def write_model_version(
@@ -152,8 +124,9 @@ def write_model_version(
     PyTorch program is copied to `<version>/model.pt2` and the card's `pytorch_artifact`
     gives its sha256, size and `pt2_checks`; each of `extra_artifacts` is copied under its
     file name and listed in the card's `extra_artifacts` with its sha256 and size. An
-    existing version folder is replaced, unless scans in the results database ran its
-    weights: their audit trail would then name weights that no longer exist.
+    existing version folder is replaced, unless a guard (`guard_overwrites`) refuses: the
+    `papscan` CLI refuses when scans in the results database ran its weights, whose audit
+    trail would then name weights that no longer exist.
 
     Args:
         repo: The model repository folder.
@@ -171,7 +144,7 @@ def write_model_version(
         The version folder.
 
     Raises:
-        VersionInUseError: the version folder holds weights that scans have used.
+        PapscanError: a guard refused to replace the version folder.
     """
     if version < 1:
         raise ValueError(f"version must be a positive integer, got {version}")
@@ -179,7 +152,10 @@ def write_model_version(
     model_dir = repo / name
     version_dir = model_dir / str(version)
     if version_dir.exists():
-        refuse_if_scanned(version_dir, name)
+        if (version_dir / "model.onnx").is_file():
+            sha256 = sha256_of(version_dir / "model.onnx")
+            for guard in _overwrite_guards:
+                guard(version_dir, name, sha256)
         shutil.rmtree(version_dir)
     version_dir.mkdir(parents=True)
     (model_dir / "config.yaml").write_text(dump_config_yaml(config))

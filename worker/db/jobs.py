@@ -21,20 +21,27 @@ Like `queries`, no function here commits; the caller owns the transaction.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from engines.errors import PapscanError
 from worker.db import queries
 from worker.db.models import Scan, Slide, utc_now
+from worker.db.session import Database
 from worker.errors import ScanStateError, ScanSupersededError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "PENDING_OR_DONE",
+    "VersionInUseError",
     "Claim",
     "FailedScan",
     "Held",
@@ -48,6 +55,7 @@ __all__ = [
     "hold_scan",
     "plan_scan",
     "reap_expired_leases",
+    "refuse_overwrite_of_scanned_weights",
     "recent_failures",
     "release_leases",
     "renew_lease",
@@ -356,6 +364,36 @@ def scans_using_weights(s: Session, model: str, sha256: str) -> int:
     for hashes in s.scalars(select(Scan.model_sha256).where(Scan.model_sha256.is_not(None))):
         count += (hashes or {}).get(model) == sha256
     return count
+
+
+class VersionInUseError(PapscanError):
+    """A model version folder whose weights scans ran cannot be overwritten."""
+
+
+def refuse_overwrite_of_scanned_weights(
+    db: Database, version_dir: Path, name: str, sha256: str
+) -> None:
+    """Refuse to replace a model version whose weights scans in `db` ran.
+
+    Installed by the `papscan` CLI as `train.export.repository`'s overwrite guard. A
+    database that cannot be reached, or holds no schema yet, has no such scans.
+
+    Raises:
+        VersionInUseError: with the count of scans and what to do instead.
+    """
+    try:
+        if db.current_revision() is None:
+            return
+        with db.session() as s:
+            used = scans_using_weights(s, name, sha256)
+    except PapscanError as exc:
+        logger.warning("could not check whether scans used %s: %s", version_dir, exc)
+        return
+    if used:
+        raise VersionInUseError(
+            f"{version_dir} holds the weights of {name} that {used} scan(s) in {db.safe_url}"
+            " ran; write the new model as a new version or into another repository folder."
+        )
 
 
 # --- what `papscan status` shows ------------------------------------------------------

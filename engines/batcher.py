@@ -18,6 +18,17 @@ How a batch is formed (the rules the tests pin down):
   preferred size with nothing more of its shape waiting, or is full, or its oldest
   request has waited `max_queue_delay_ms`.
 
+Cancelling and waiting:
+
+- A caller may cancel its future at any time (a failed scan cancels all of its own): the
+  pieces not yet run are dropped, and a cancel that lands while its batch runs wins over
+  the result, which is discarded. Either way the request counts once, as neither a
+  success nor a failure.
+- `wait` (and `infer`) give up after `result_timeout_s` with `BatcherTimeoutError` and
+  cancel the request, so a stuck model fails its callers instead of hanging them.
+- An error in an execution, the batcher's own bookkeeping included, fails that
+  execution's requests only; the executor threads go on serving.
+
 `close()` stops new submissions; by default pending requests still run (drain), with
 `drain=False` they fail with `BatcherClosedError`.
 """
@@ -28,14 +39,15 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from engines.errors import BatcherClosedError, ModelInputError
+from engines.errors import BatcherClosedError, BatcherTimeoutError, ModelInputError
 from engines.metrics import RequestTimes
 from engines.model import Model
 from engines.tensors import is_device_array
@@ -47,7 +59,11 @@ Outputs = dict[str, np.ndarray]
 
 @dataclass
 class _Request:
-    """One `submit` call: its future, its pieces' outputs as they arrive, its timings."""
+    """One `submit` call: its future, its pieces' outputs as they arrive, its timings.
+
+    Its pieces may finish on different executor threads, so every field after `enqueued`
+    is read and written under the batcher's `_book` lock.
+    """
 
     future: Future[Outputs]
     pieces: int
@@ -84,6 +100,8 @@ class DynamicBatcher:
             waiting).
         instance_count: Executor threads (batches running at once); None takes the
             config's `instance_count`.
+        result_timeout_s: Longest `wait` and `infer` wait for a result by default, in
+            seconds; None waits for ever.
 
     Raises:
         ModelInputError: The model has no batch dimension, or a setting is out of range.
@@ -96,6 +114,7 @@ class DynamicBatcher:
         preferred_batch_size: tuple[int, ...] | None = None,
         max_queue_delay_ms: float | None = None,
         instance_count: int | None = None,
+        result_timeout_s: float | None = 300.0,
     ) -> None:
         config = model.config
         if not config.is_batched:
@@ -123,11 +142,18 @@ class DynamicBatcher:
                 f"{model.name}: the batcher needs max_queue_delay_ms >= 0 and "
                 f"instance_count >= 1, got {max_queue_delay_ms} and {instance_count}"
             )
+        if result_timeout_s is not None and result_timeout_s <= 0:
+            raise ModelInputError(
+                f"{model.name}: the batcher needs result_timeout_s > 0 (or None), "
+                f"got {result_timeout_s}"
+            )
+        self.result_timeout_s = result_timeout_s
         self.max_queue_delay = max_queue_delay_ms / 1000.0
         self.target = self.preferred[-1] if self.preferred else self.max_batch_size
         self._pending: list[_Piece] = []
         self._cond = threading.Condition()
         self._gather = threading.Lock()  # one executor forms a batch at a time
+        self._book = threading.Lock()  # requests' bookkeeping; taken after _cond, never before
         self._closed = False
         self._threads = [
             threading.Thread(target=self._run, name=f"batcher-{model.name}-{i}", daemon=True)
@@ -191,8 +217,30 @@ class DynamicBatcher:
         return future
 
     def infer(self, inputs: Mapping[str, Any], timeout: float | None = None) -> Outputs:
-        """`submit` and wait for the outputs (re-raising the execution's error)."""
-        return self.submit(inputs).result(timeout)
+        """`submit` and `wait` for the outputs (re-raising the execution's error)."""
+        return self.wait(self.submit(inputs), timeout)
+
+    def wait(self, future: Future[Outputs], timeout: float | None = None) -> Outputs:
+        """Waits for a future from `submit`: its outputs, or the execution's error.
+
+        Args:
+            future: What `submit` returned.
+            timeout: Longest to wait, in seconds; None takes `result_timeout_s`.
+
+        Raises:
+            BatcherTimeoutError: No result in time; the request is cancelled, so its rows
+                not yet run are dropped.
+            CancelledError: The future was cancelled.
+        """
+        if timeout is None:
+            timeout = self.result_timeout_s
+        # cancel() fails only when the result arrived meanwhile: then return it.
+        if not wait_for([future], timeout).done and future.cancel():
+            raise BatcherTimeoutError(
+                f"the {self.model.name} batcher gave no result within {timeout:g} s, so the "
+                "request was cancelled: the model is stuck or overloaded (see the log)"
+            )
+        return future.result()
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stops taking requests and stops the executors.
@@ -202,17 +250,17 @@ class DynamicBatcher:
                 `BatcherClosedError` instead.
             timeout: Longest to wait for each executor thread, in seconds.
         """
+        dropped: list[_Piece] = []
         with self._cond:
             self._closed = True
             if not drain:
                 dropped, self._pending = self._pending, []
-                self._fail(
-                    dropped,
-                    BatcherClosedError(
-                        f"the {self.model.name} batcher was closed before this request ran"
-                    ),
-                )
             self._cond.notify_all()
+        # Outside the lock: settling a future runs its callers' callbacks.
+        self._fail(
+            dropped,
+            BatcherClosedError(f"the {self.model.name} batcher was closed before this request ran"),
+        )
         for thread in self._threads:
             thread.join(timeout)
 
@@ -235,7 +283,10 @@ class DynamicBatcher:
                 batch = self._next_batch()
             if batch is None:
                 return
-            self._execute(batch)
+            try:
+                self._execute(batch)
+            except Exception:  # only if failing the batch failed too: keep serving the rest
+                logger.exception("%s: the batcher could not settle a batch", self.model.name)
 
     def _next_batch(self) -> list[_Piece] | None:
         """Waits for work, then for a batch worth running; None once closed and drained."""
@@ -272,17 +323,34 @@ class DynamicBatcher:
         for piece in self._pending:
             request = piece.request
             if request.future.done():
-                self._settle(request)
+                self._mark_settled(request)
             else:
                 keep.append(piece)
         self._pending = keep
 
-    def _settle(self, request: _Request) -> bool:
+    def _mark_settled(self, request: _Request) -> bool:
         """Marks `request` settled; True the first time (so its gauge moves once)."""
-        if request.settled:
-            return False
-        request.settled = True
+        with self._book:
+            if request.settled:
+                return False
+            request.settled = True
         self.model.stats.pending(-1)
+        return True
+
+    @staticmethod
+    def _set_outcome(future: Future[Outputs], outcome: Outputs | BaseException) -> bool:
+        """Sets the future's result or error; False when it was cancelled or set first.
+
+        The one place futures are settled: a caller's cancel may land between any check
+        and the call, and must not raise in (and so kill) the executor thread.
+        """
+        try:
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+        except InvalidStateError:
+            return False
         return True
 
     def _gathered(self) -> tuple[list[_Piece], bool, bool]:
@@ -305,6 +373,7 @@ class DynamicBatcher:
         return batch, False, False
 
     def _execute(self, batch: list[_Piece]) -> None:
+        """Runs one batch and settles what it completes; any error fails this batch only."""
         started = time.perf_counter()
         try:
             names = list(batch[0].feed)
@@ -315,35 +384,44 @@ class DynamicBatcher:
             ready = time.perf_counter()
             outputs = self.model.execute(feed)
             executed = time.perf_counter()
+            rows = []
             offset = 0
             for piece in batch:
-                rows = slice(offset, offset + piece.size)
-                piece.request.parts[piece.index] = {k: v[rows] for k, v in outputs.items()}
+                rows.append({k: v[offset : offset + piece.size] for k, v in outputs.items()})
                 offset += piece.size
             finished = time.perf_counter()
+            complete = []
+            with self._book:
+                for piece, part in zip(batch, rows, strict=True):
+                    request = piece.request
+                    if request.settled:  # failed in another batch, or dropped after a cancel
+                        continue
+                    request.parts[piece.index] = part
+                    request.queue += started - request.enqueued if piece.index == 0 else 0.0
+                    request.compute_input += ready - started
+                    request.compute_infer += executed - ready
+                    request.compute_output += finished - executed
+                    request.done_pieces += 1
+                    if request.done_pieces == request.pieces:
+                        request.settled = True
+                        complete.append(request)
+            if complete:  # all at once: a failure resolving one must not skip another's
+                self.model.stats.pending(-len(complete))
+            for request in complete:
+                self._resolve(request)
         except Exception as exc:  # the execution's error belongs to its callers
             logger.warning("%s: a batch of %d failed: %s", self.model.name, len(batch), exc)
             self._fail(batch, exc)
-            return
-        for piece in batch:
-            request = piece.request
-            request.queue += started - request.enqueued if piece.index == 0 else 0.0
-            request.compute_input += ready - started
-            request.compute_infer += executed - ready
-            request.compute_output += finished - executed
-            request.done_pieces += 1
-            if request.done_pieces == request.pieces:
-                self._resolve(request)
 
     def _resolve(self, request: _Request) -> None:
+        """Joins a complete request's parts into its result (settled by the caller)."""
         parts = [part for part in request.parts if part is not None]
         if len(parts) == 1:
             outputs = {k: v.copy() for k, v in parts[0].items()}
         else:
             outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        if not self._settle(request) or request.future.done():  # cancelled meanwhile
+        if not self._set_outcome(request.future, outputs):  # cancelled meanwhile
             return
-        request.future.set_result(outputs)
         self.model.stats.request_succeeded(
             RequestTimes(
                 queue=request.queue,
@@ -355,8 +433,9 @@ class DynamicBatcher:
         )
 
     def _fail(self, pieces: list[_Piece], exc: BaseException) -> None:
+        """Fails the requests of `pieces` not settled yet: those still waiting for their
+        pieces, and any this batch completed but an error kept from its result."""
         for request in {id(p.request): p.request for p in pieces}.values():
-            if not self._settle(request) or request.future.done():
-                continue
-            request.future.set_exception(exc)
-            self.model.stats.request_failed()
+            self._mark_settled(request)
+            if self._set_outcome(request.future, exc):
+                self.model.stats.request_failed()

@@ -38,3 +38,8 @@ class ModelInputError(PapscanError, ValueError):
 
 class BatcherClosedError(PapscanError):
     """A dynamic batcher was closed: the request was not (or will not be) run."""
+
+
+class BatcherTimeoutError(PapscanError, TimeoutError):
+    """A dynamic batcher gave no result in time: the request was cancelled; the model is
+    stuck or overloaded."""

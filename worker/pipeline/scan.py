@@ -368,7 +368,7 @@ class ScanPipeline:
     ) -> tuple[list[RoiResult], list[CellResult]]:
         counts = [len(p.det_scores) for p in pending]
         with clock.stage("classify_cells"):  # waiting for the batcher's results
-            outputs = [p.cell_outputs.result() for p in pending]
+            outputs = [self.models.cell_batcher.wait(p.cell_outputs) for p in pending]
             probs = np.concatenate([o["probs"] for o in outputs])
         with clock.stage("classify_rois"):
             roi_probs, attention = self._classify_rois(pending, outputs)

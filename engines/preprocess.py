@@ -18,6 +18,19 @@ if TYPE_CHECKING:
 BACKGROUND_RGB = 255  # glass: what lies beyond the slide or the ROI image
 
 
+def resample(image: np.ndarray, factor: float) -> np.ndarray:
+    """Scale an `H×W×3` image by `factor`: area averaging to shrink, bilinear to enlarge.
+
+    The one resampling the scanner (an ROI brought to the model's mpp) and training (a
+    field brought to it) share, so cells reach a model at the same scale and sharpness.
+    OpenCV maps output pixels with exactly this factor (`fx`, `fy`, no `dsize`).
+    """
+    if factor == 1.0:
+        return image
+    interpolation = cv2.INTER_AREA if factor < 1.0 else cv2.INTER_LINEAR
+    return cv2.resize(image, None, fx=factor, fy=factor, interpolation=interpolation)
+
+
 def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """`[N, H, W, 3]` uint8 into `[N, 3, H, W]` float32, `(x - mean) / std` per channel.
 

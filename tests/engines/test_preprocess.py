@@ -100,3 +100,20 @@ def test_training_cuts_and_normalises_with_the_serving_functions(module: str, na
     """No train/serve skew: training's crops and normalisation are these functions, not a
     copy of them."""
     assert getattr(importlib.import_module(module), name) is getattr(preprocess, name)
+
+
+def test_training_resamples_fields_exactly_as_the_scanner_resamples_rois() -> None:
+    import cv2
+
+    from engines.preprocess import resample
+    from train.data.scanner_crops import resample_to_mpp
+
+    image = np.random.default_rng(3).integers(0, 256, (97, 131, 3), dtype=np.uint8)
+    for mpp, target in ((0.25, 0.5), (0.6, 0.5), (0.5, 0.5)):
+        factor = mpp / target
+        trained = resample_to_mpp(image, mpp, target)
+        assert np.array_equal(trained, resample(image, factor))
+        if factor != 1.0:
+            interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+            expected = cv2.resize(image, None, fx=factor, fy=factor, interpolation=interp)
+            assert np.array_equal(trained, expected)

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
-from engines.preprocess import BACKGROUND_RGB, cut_crops
+from engines.preprocess import BACKGROUND_RGB, cut_crops, resample
 from train.data.herlev import herlev_image_set
 from train.data.labels import BETHESDA_TO_PAPSCAN
 from train.data.real_fields import RealField
@@ -30,13 +29,11 @@ HERLEV_MPP = 0.201
 
 
 def resample_to_mpp(image: np.ndarray, mpp: float, target_mpp: float) -> np.ndarray:
-    """An HxWx3 image at `mpp` resampled to `target_mpp` (area averaging when shrinking)."""
+    """An HxWx3 image at `mpp` resampled to `target_mpp`, as the scanner resamples ROIs."""
     scale = mpp / target_mpp
     if abs(scale - 1.0) < 1e-3:
         return image
-    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-    return cv2.resize(image, size, interpolation=interp)
+    return resample(image, scale)
 
 
 def field_cell_crops(

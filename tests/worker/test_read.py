@@ -18,10 +18,12 @@ import pytest
 from engines.errors import BackendUnavailableError
 from worker.errors import SlideReadError
 from worker.pipeline.plan import Roi, TissueMask, cellular_mask, plan_rois
+from worker.wsi import read as read_module
 from worker.wsi.decode import JpegDecoder, cuda_device_count, jpeg_stream
 from worker.wsi.read import (
     OpenSlideReader,
     TileReader,
+    _TileCache,
     jpeg_tile_layout,
     make_reader,
     read_ahead,
@@ -163,7 +165,7 @@ def test_gpu_decoding_is_close_to_openslide(
         gpu.close()
 
 
-def test_corrupt_tile_is_a_read_error_naming_the_roi(tmp_path: Path, ycbcr_tiff: Path) -> None:
+def test_corrupt_tiles_are_read_errors_naming_the_tile(tmp_path: Path, ycbcr_tiff: Path) -> None:
     with open_slide(ycbcr_tiff) as slide:
         layout = jpeg_tile_layout(slide.info, 0)
     data = bytearray(ycbcr_tiff.read_bytes())
@@ -172,16 +174,35 @@ def test_corrupt_tile_is_a_read_error_naming_the_roi(tmp_path: Path, ycbcr_tiff:
         data[offset + keep : offset + count] = bytes(count - keep)
     path = tmp_path / "bad-tiles.tiff"
     path.write_bytes(bytes(data))
+
+    def tile_sentence(column: int, detail: str) -> str:
+        return (
+            f"{path} is truncated or corrupt: level 0's tile at column {column}, row 0 "
+            f"(level pixels x {256 * column}–{256 * column + 255}, y 0–255) cannot be decoded "
+            f"({detail}); copy the file again, or rescan the slide."
+        )
+
     with open_slide(path) as slide:  # the open-time probe reads only each level's last tile
-        reader = make_reader(slide, 0.5, 512)
+        reader = make_reader(slide, 0.5, 512, prefer="dali", device="cpu")
         rois = all_rois(slide, 0.5)
-        for roi in rois[:2]:
-            with pytest.raises(SlideReadError, match=rf"ROI {roi.index} at level-0 \(") as info:
-                reader.read(roi)
-            assert "\n" not in str(info.value)
+        assert (rois[0].l0_x, rois[1].l0_x) == (0, 384)  # tiles 0 and 1, then 1, 2 and 3
+        with pytest.raises(SlideReadError) as info:
+            reader.read(rois[0])
+        assert str(info.value) == tile_sentence(0, "no JPEG start marker")
+        with pytest.raises(SlideReadError) as info:
+            reader.read(rois[1])
+        assert str(info.value) == tile_sentence(1, "not valid JPEG")
         # The decoder recovers: later ROIs still read.
         assert reader.read(rois[-1]).shape == (512, 512, 3)
         reader.close()
+    # OpenSlide's handle fails for good after an error: a fresh slide for each ROI.
+    for roi, column in ((rois[0], 0), (rois[1], 1)):
+        with open_slide(path) as slide, pytest.raises(SlideReadError) as info:
+            OpenSlideReader(slide, 0.5, 512).read(roi)
+        before, detail, after = tile_sentence(column, "DETAIL").partition("DETAIL")
+        message = str(info.value)
+        assert message.startswith(before) and message.endswith(after), message
+        assert "\n" not in message and message[len(before) : -len(after)]
 
 
 def test_jpeg_stream() -> None:
@@ -320,6 +341,45 @@ def test_overlapping_rois_decode_each_tile_once(ycbcr_tiff: Path) -> None:
             reader.close()
     tiles = reader.layout.tiles_across * reader.layout.tiles_down
     assert len(rois) > 4 and decoded <= tiles
+
+
+def test_tile_cache_is_bounded_in_bytes() -> None:
+    tile = np.zeros((512, 512, 3), np.uint8)  # 768 KiB, as a 512 px tile decodes
+    cache = _TileCache(3 * tile.nbytes)
+
+    def held() -> int:
+        return sum(t.nbytes for t in cache._tiles.values())
+
+    for x in range(5):
+        cache.put((x, 0), tile.copy())
+        assert held() <= 3 * tile.nbytes
+    assert [cache.get((x, 0)) is not None for x in range(5)] == [False, False, True, True, True]
+    cache.get((2, 0))  # used last: (3, 0) is now the oldest
+    cache.put((5, 0), tile.copy())
+    assert cache.get((3, 0)) is None and cache.get((2, 0)) is not None
+    assert held() == cache.nbytes == 3 * tile.nbytes
+    # A tile bigger than the whole budget is not kept, and evicts nothing.
+    cache.put((9, 9), np.zeros((1024, 1024, 3), np.uint8))
+    assert cache.get((9, 9)) is None and held() == 3 * tile.nbytes
+
+
+def test_tile_reader_cache_stays_within_its_byte_budget(
+    tmp_path: Path, make_tiff, make_cells_image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = make_cells_image(3000, 1400, seed=9, n_cells=120)
+    path = make_tiff(tmp_path / "big-tiles.tiff", image, levels=1, tile_px=512)
+    budget = 4 * 512 * 512 * 3  # a band of rows would be 6 x 2 tiles
+    monkeypatch.setattr(read_module, "MAX_CACHED_BYTES", budget)
+    with open_slide(path) as slide:
+        reader = make_reader(slide, 0.5, 512, prefer="dali", device="cpu")
+        reference = OpenSlideReader(slide, 0.5, 512)
+        try:
+            assert reader._cache.max_bytes == budget
+            for roi in all_rois(slide, 0.5):
+                assert np.array_equal(reader.read(roi), reference.read(roi))
+                assert reader._cache.nbytes <= budget
+        finally:
+            reader.close()
 
 
 # --- resampling to the target mpp ------------------------------------------------------

@@ -9,10 +9,11 @@ import os
 import re
 from pathlib import Path
 
+import openslide
 import pytest
 import tifffile
 
-from worker.errors import SlideOpenError
+from worker.errors import SlideOpenError, SlideReadError
 from worker.wsi.slide import SlideInfo, level_for_mpp, open_slide
 
 
@@ -104,7 +105,54 @@ def test_damaged_last_tile_is_found_at_open(tmp_path: Path, good_tiff: Path) -> 
     data[offset : offset + count] = bytes(count)
     path = tmp_path / "damaged.tiff"
     path.write_bytes(bytes(data))
-    assert "is truncated or corrupt" in refusal(path)
+    assert refusal(path) == (
+        f"{path} is truncated or corrupt: level 0's tile at column 4, row 3 (level pixels "
+        "x 1024–1199, y 768–899) cannot be decoded (Not a JPEG file: starts with 0x00 0x00); "
+        "copy the file again, or rescan the slide."
+    )
+
+
+def damage_tile(source: Path, path: Path, page: int, tile: int) -> Path:
+    """A copy of `source` with one tile's bytes replaced by garbage (no JPEG marker)."""
+    data = bytearray(source.read_bytes())
+    with tifffile.TiffFile(source) as tif:
+        offset, count = tif.pages[page].dataoffsets[tile], tif.pages[page].databytecounts[tile]
+    data[offset : offset + count] = b"\x5f\x82" * (count // 2) + b"\x00" * (count % 2)
+    path.write_bytes(bytes(data))
+    return path
+
+
+LEVEL1_TILE1 = (
+    "is truncated or corrupt: level 1's tile at column 1, row 0 (level pixels x 256–511, "
+    "y 0–255) cannot be decoded (Not a JPEG file: starts with 0x5f 0x82); copy the file "
+    "again, or rescan the slide."
+)
+
+
+def test_damaged_tile_found_while_reading_is_named(tmp_path: Path, good_tiff: Path) -> None:
+    """The probe misses a tile in the middle of a level; the read that meets it names it."""
+    path = damage_tile(good_tiff, tmp_path / "damaged.tiff", page=1, tile=1)
+    with open_slide(path) as slide:
+        assert slide.read_region((0, 0), 1, (256, 256)).shape == (256, 256, 3)  # tile 0
+        with pytest.raises(SlideReadError) as info:
+            slide.read_region((0, 0), 1, (600, 450))  # the whole level
+    assert str(info.value) == f"{path} {LEVEL1_TILE1}"
+
+
+def test_a_read_failed_by_another_threads_damaged_tile_names_that_tile(
+    tmp_path: Path, good_tiff: Path
+) -> None:
+    """OpenSlide's errors stick to the handle: a clean region read after (or while) another
+    thread meets a damaged tile fails too, and must name the tile, not its own region."""
+    path = damage_tile(good_tiff, tmp_path / "damaged.tiff", page=1, tile=1)
+    with open_slide(path) as slide:
+        damaged = (1, (0, 0), (600, 450))
+        slide._reading.append(damaged)  # another thread's read, still in flight
+        with pytest.raises(openslide.OpenSlideError):
+            slide.osr.read_region((0, 0), 1, (600, 450))
+        with pytest.raises(SlideReadError) as info:
+            slide.read_region((0, 0), 0, (64, 64))
+    assert str(info.value) == f"{path} {LEVEL1_TILE1}"
 
 
 def test_no_mpp_needs_an_override(tmp_path: Path, make_tiff, make_cells_image) -> None:
@@ -115,11 +163,34 @@ def test_no_mpp_needs_an_override(tmp_path: Path, make_tiff, make_cells_image) -
         assert (slide.info.mpp_x, slide.info.mpp_y) == (0.25, 0.25)
 
 
-def test_mpp_override_wins_and_must_be_positive(good_tiff: Path) -> None:
+def test_mpp_override_wins_and_must_be_plausible(good_tiff: Path) -> None:
     with open_slide(good_tiff, mpp=0.3) as slide:
         assert slide.info.mpp == pytest.approx(0.3)
-    with pytest.raises(ValueError):
-        open_slide(good_tiff, mpp=0)
+    for wrong in (0, -1, 100, float("nan")):
+        assert refusal(good_tiff, mpp=wrong) == (
+            f"the mpp given for {good_tiff} is {wrong:g} µm/px, outside the plausible range "
+            "0.05–20 µm/px; give the slide's real microns per pixel."
+        )
+
+
+def test_implausible_mpp_in_the_file(tmp_path: Path, make_tiff, make_cells_image) -> None:
+    """Resolution tags claiming 10 m per pixel once asked for a 1 EiB tissue mask."""
+    path = make_tiff(tmp_path / "ten-metres.tiff", make_cells_image(600, 400), mpp=1e7)
+    assert refusal(path) == (
+        f"{path} records 1e+07 µm/px, outside the plausible range 0.05–20 µm/px, so its "
+        "resolution tags are wrong; pass the real value with --mpp."
+    )
+    with open_slide(path, mpp=0.25) as slide:
+        assert slide.info.mpp == 0.25
+
+
+def test_symlink_loop(tmp_path: Path) -> None:
+    (tmp_path / "a.svs").symlink_to(tmp_path / "b.svs")
+    (tmp_path / "b.svs").symlink_to(tmp_path / "a.svs")
+    assert refusal(tmp_path / "a.svs") == (
+        f"{tmp_path / 'a.svs'} is a symbolic link that leads back to itself, not to a slide "
+        "file; point it at the slide."
+    )
 
 
 def test_real_aperio_svs(shared_data: Path) -> None:

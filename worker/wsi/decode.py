@@ -181,7 +181,8 @@ class JpegDecoder:
             One (height, width, 3) uint8 RGB array per stream, in order.
 
         Raises:
-            JpegDecodeError: DALI failed on the batch (corrupt data, unsupported JPEG).
+            JpegDecodeError: DALI failed on the batch (corrupt data, unsupported JPEG);
+                its `sample` is the first stream that fails on its own.
         """
         arrays = [
             s if isinstance(s, np.ndarray) else np.frombuffer(s, dtype=np.uint8) for s in streams
@@ -205,9 +206,12 @@ class JpegDecoder:
             # DALI says "Current pipeline object is no longer valid" after a failed run.
             self._pipe = self._build()
             found = re.search(r"Failed to decode sample #(\d+)", str(exc))
-            if found:
-                sample = start + int(found.group(1))
+            if found or len(batch) == 1:
+                sample = start + (int(found.group(1)) if found else 0)
                 raise JpegDecodeError(f"stream {sample} is not valid JPEG", sample) from exc
+            # Some DALI versions do not say which sample failed: find it one at a time.
+            for i, one in enumerate(batch):
+                self._run([one], start + i)
             raise JpegDecodeError(f"DALI failed on a batch of {len(batch)} streams") from exc
 
     def close(self) -> None:

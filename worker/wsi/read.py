@@ -30,7 +30,6 @@ from typing import Protocol
 
 import cv2
 import numpy as np
-import openslide
 
 from engines.errors import BackendUnavailableError
 from worker.errors import SlideReadError
@@ -42,7 +41,14 @@ from worker.wsi.decode import (
     default_device,
     jpeg_stream,
 )
-from worker.wsi.slide import MPP_TOLERANCE, LevelChoice, Slide, SlideInfo, level_for_mpp
+from worker.wsi.slide import (
+    MPP_TOLERANCE,
+    LevelChoice,
+    Slide,
+    SlideInfo,
+    damaged_tile_sentence,
+    level_for_mpp,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,16 +145,14 @@ class OpenSlideReader(_LevelGeometry):
         self._slide = slide
 
     def read(self, roi: Roi) -> np.ndarray:
-        """Read one ROI; raises SlideReadError when OpenSlide fails."""
+        """Read one ROI; raises SlideReadError (naming the damaged tile where it can be
+        found) when OpenSlide fails."""
         lvl_x, lvl_y = self.lvl_origin(roi)
         ds = self.choice.downsample
         size = (self.lvl_roi_px, self.lvl_roi_px)
-        try:
-            image = self._slide.read_region(
-                (round(lvl_x * ds), round(lvl_y * ds)), self.choice.level, size
-            )
-        except openslide.OpenSlideError as exc:
-            raise SlideReadError(f"Cannot read {self.where(roi)}: {exc}.") from exc
+        image = self._slide.read_region(
+            (round(lvl_x * ds), round(lvl_y * ds)), self.choice.level, size
+        )
         return self.to_target(image)
 
     def close(self) -> None:
@@ -289,13 +293,15 @@ class TileReader(_LevelGeometry):
         self.name = self._decoder.name
         # ROIs overlap and follow the grid row by row, so a band of tile rows as wide as the
         # level serves every tile from cache after its first decode (about 4x fewer decodes
-        # at 25 % overlap). Capped so memory stays flat for any slide width.
+        # at 25 % overlap). Capped in bytes so memory stays flat for any slide and tile size.
         band_rows = math.ceil(self.lvl_roi_px / layout.tile_h) + 1
-        self._cache = _TileCache(min(layout.tiles_across * band_rows, MAX_CACHED_TILES))
+        band_bytes = layout.tiles_across * band_rows * layout.tile_w * layout.tile_h * 3
+        self._cache = _TileCache(min(band_bytes, MAX_CACHED_BYTES))
         self._fd: int | None = os.open(slide.info.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
 
     def read(self, roi: Roi) -> np.ndarray:
-        """Read one ROI; raises SlideReadError when a tile cannot be read or decoded."""
+        """Read one ROI; raises SlideReadError (naming the tile) when a tile cannot be read
+        or decoded."""
         lay = self.layout
         lvl_x, lvl_y = self.lvl_origin(roi)
         side = self.lvl_roi_px
@@ -325,28 +331,40 @@ class TileReader(_LevelGeometry):
         if self._fd is None:
             raise SlideReadError(f"Cannot read {self.where(roi)}: the reader is closed.")
         streams = []
-        try:
-            for tx, ty in tiles:
-                i = ty * lay.tiles_across + tx
-                n, offset = int(lay.bytecounts[i]), int(lay.offsets[i])
+        for tx, ty in tiles:
+            i = ty * lay.tiles_across + tx
+            n, offset = int(lay.bytecounts[i]), int(lay.offsets[i])
+            try:
                 raw = os.pread(self._fd, n, offset)
-                if len(raw) != n:
-                    raise SlideReadError(
-                        f"Cannot read {self.where(roi)}: tile ({tx}, {ty}) is cut short "
-                        f"({len(raw)} of {n} bytes; is the file truncated?)."
-                    )
+            except OSError as exc:
+                raise SlideReadError(f"Cannot read {self.where(roi)}: {exc}.") from exc
+            if len(raw) != n:
+                raise SlideReadError(
+                    self._damaged((tx, ty), f"only {len(raw)} of its {n} bytes are in the file")
+                )
+            try:
                 streams.append(jpeg_stream(raw, lay.tables, lay.rgb))
-        except (OSError, ValueError) as exc:
-            raise SlideReadError(f"Cannot read {self.where(roi)}: {exc}.") from exc
+            except ValueError as exc:
+                raise SlideReadError(self._damaged((tx, ty), "no JPEG start marker")) from exc
         try:
             return self._decoder.decode(streams)
         except JpegDecodeError as exc:
-            what = "its tiles are"
-            if exc.sample is not None:
-                what = f"tile {tiles[exc.sample]} of level {self.choice.level} is"
-            raise SlideReadError(
-                f"Cannot decode {self.where(roi)}: {what} not valid JPEG."
-            ) from exc
+            if exc.sample is None:
+                raise SlideReadError(
+                    f"Cannot decode {self.where(roi)}: its tiles are not valid JPEG."
+                ) from exc
+            raise SlideReadError(self._damaged(tiles[exc.sample], "not valid JPEG")) from exc
+
+    def _damaged(self, tile: tuple[int, int], detail: str) -> str:
+        lay = self.layout
+        return damaged_tile_sentence(
+            self.info.path,
+            self.choice.level,
+            tile,
+            (lay.tile_w, lay.tile_h),
+            (lay.width, lay.height),
+            detail,
+        )
 
     def _paste(
         self, canvas: np.ndarray, tile: np.ndarray, dx: int, dy: int, tx: int, ty: int
@@ -370,14 +388,17 @@ class TileReader(_LevelGeometry):
         self._decoder.close()
 
 
-MAX_CACHED_TILES = 1024  # 192 MiB of 256 px RGB tiles at most
+#: Most bytes of decoded tiles a TileReader keeps: 1365 tiles of 256 px, 341 of 512 px.
+MAX_CACHED_BYTES = 256 << 20
 
 
 class _TileCache:
-    """A thread-safe LRU of decoded tiles keyed by `(tx, ty)` (read-ahead threads share it)."""
+    """A thread-safe LRU of decoded tiles keyed by `(tx, ty)` (read-ahead threads share it),
+    holding at most `max_bytes` of them; a tile larger than that is not kept."""
 
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -389,11 +410,17 @@ class _TileCache:
             return tile
 
     def put(self, key: tuple[int, int], tile: np.ndarray) -> None:
+        if tile.nbytes > self.max_bytes:
+            return
         with self._lock:
+            old = self._tiles.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
             self._tiles[key] = tile
-            self._tiles.move_to_end(key)
-            while len(self._tiles) > self._capacity:
-                self._tiles.popitem(last=False)
+            self.nbytes += tile.nbytes
+            while self.nbytes > self.max_bytes:
+                _, dropped = self._tiles.popitem(last=False)
+                self.nbytes -= dropped.nbytes
 
 
 def make_reader(

@@ -1,10 +1,11 @@
 """Slide access through OpenSlide: open, describe, check, read regions.
 
 `open_slide` is the one door to a slide file. It refuses, with one sentence, anything
-papscan cannot scan to the end: a missing path, a directory, a format OpenSlide does not
-know, a file that is not what its extension says, a truncated or corrupt file, a slide
-without microns per pixel (mpp). Damage is looked for at open time (the TIFF structure
-and a probe read of each level's last tile), not found halfway through an overnight scan.
+papscan cannot scan to the end: a missing path, a symbolic link loop, a directory, a format
+OpenSlide does not know, a file that is not what its extension says, a truncated or corrupt
+file, a slide without a plausible microns per pixel (mpp). Damage is looked for at open time
+(the TIFF structure and a probe read of each level's last tile), not found halfway through
+an overnight scan; damage found later, while reading, names the tile as well.
 
 Frames: `l0_` level-0 pixels, `lvl_` pixels of a pyramid level. Sizes are (width, height).
 """
@@ -16,6 +17,7 @@ import logging
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,7 +25,7 @@ from types import TracebackType
 import numpy as np
 import openslide
 
-from worker.errors import SlideOpenError
+from worker.errors import SlideOpenError, SlideReadError
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,30 @@ class SlideInfo:
     def level_mpp(self, level: int) -> float:
         """Mean microns per pixel at `level`."""
         return self.mpp * self.level_downsamples[level]
+
+
+#: Microns per pixel papscan believes (inclusive): 0.05 is finer than any optical scan, 20
+#: coarser than a 1x overview. Outside it the file's resolution tags (or an override) are
+#: wrong, and planning at 0.5 µm/px would ask for impossible amounts of memory.
+MPP_RANGE = (0.05, 20.0)
+
+_RANGE_TEXT = f"{MPP_RANGE[0]:g}–{MPP_RANGE[1]:g} µm/px"
+
+
+def check_mpp(mpp: float, what: str) -> float:
+    """`mpp` if it lies in `MPP_RANGE`, else a one-sentence SlideOpenError.
+
+    Args:
+        mpp: microns per pixel.
+        what: where the value came from, to start the sentence ("--mpp", "the mpp on
+            line 3 of the manifest tonight.csv").
+    """
+    if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:  # NaN fails too
+        raise SlideOpenError(
+            f"{what} is {mpp:g} µm/px, outside the plausible range {_RANGE_TEXT}; "
+            "give the slide's real microns per pixel."
+        )
+    return mpp
 
 
 #: Relative mpp difference within which a level is read as it is (0.499 for 0.5); any
@@ -190,6 +216,9 @@ def coarse_slide_warning(
     )
 
 
+Region = tuple[int, tuple[int, int], tuple[int, int]]  # level, l0_xy, lvl_size
+
+
 class Slide:
     """An open slide: `info`, region reads, and the underlying `openslide.OpenSlide`.
 
@@ -200,6 +229,12 @@ class Slide:
     def __init__(self, osr: openslide.OpenSlide, info: SlideInfo) -> None:
         self._osr = osr
         self.info = info
+        # An OpenSlide error sticks to the handle, so a damaged tile fails every read after
+        # it, on any thread: keep the regions being read to find it, and what was found.
+        self._reading: list[Region] = []
+        self._reading_lock = threading.Lock()
+        self._damage: str | None = None
+        self._damage_lock = threading.Lock()
 
     @property
     def osr(self) -> openslide.OpenSlide:
@@ -219,9 +254,38 @@ class Slide:
         Returns:
             Array of shape (height, width, 3), uint8 RGB; pixels outside the slide (or
             transparent in it) are white.
+
+        Raises:
+            SlideReadError: OpenSlide failed; the sentence names the damaged tile where it
+                can be found. This handle is unusable afterwards (OpenSlide errors stick).
         """
-        rgba = np.asarray(self._osr.read_region(l0_xy, level, lvl_size))
+        region = (level, tuple(l0_xy), tuple(lvl_size))
+        with self._reading_lock:
+            self._reading.append(region)
+        try:
+            rgba = np.asarray(self._osr.read_region(l0_xy, level, lvl_size))
+        except openslide.OpenSlideError as exc:
+            raise SlideReadError(self._why_failed(region, exc)) from exc
+        finally:
+            with self._reading_lock:
+                self._reading.remove(region)
         return rgb_on_white(rgba)
+
+    def _why_failed(self, region: Region, exc: openslide.OpenSlideError) -> str:
+        """The sentence for a failed read: the damaged tile, looked for in this region, then
+        in those other threads are reading (one of which may have hit it first)."""
+        with self._damage_lock:
+            if self._damage is None:
+                with self._reading_lock:
+                    others = [r for r in self._reading if r != region]
+                for candidate in (region, *others):
+                    self._damage = find_damaged_tile(self.info, *candidate)
+                    if self._damage is not None:
+                        break
+            if self._damage is not None:
+                return self._damage
+        level, l0_xy, _ = region
+        return f"Cannot read level {level} of {self.info.path} at level-0 {l0_xy}: {_clause(exc)}."
 
     def close(self) -> None:
         """Close the OpenSlide handle."""
@@ -264,13 +328,19 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
         The open slide; close it (or use `with`).
 
     Raises:
-        SlideOpenError: missing path, directory, unsupported format, not a slide,
-            truncated or corrupt file, or no mpp and no override; one sentence each.
-        ValueError: `mpp` is given and not > 0.
+        SlideOpenError: missing path, symbolic link loop, directory, unsupported format,
+            not a slide, truncated or corrupt file, no mpp and no override, or an mpp
+            (the file's or `mpp`) outside `MPP_RANGE`; one sentence each.
     """
-    if mpp is not None and not mpp > 0:
-        raise ValueError(f"mpp must be > 0, got {mpp}")
-    path = Path(path).expanduser().resolve()
+    try:
+        path = Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: Python < 3.13's symlink loop
+        raise SlideOpenError(
+            f"{path} is a symbolic link that leads back to itself, not to a slide file; "
+            "point it at the slide."
+        ) from exc
+    if mpp is not None:
+        check_mpp(mpp, f"the mpp given for {path}")
     if not path.exists():
         raise SlideOpenError(f"Slide file {path} does not exist.")
     if path.is_dir():
@@ -290,7 +360,9 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
             f"{path} is not a slide OpenSlide can read, though it looks like {vendor}."
         ) from exc
     except openslide.OpenSlideError as exc:
-        raise SlideOpenError(f"{path} is truncated or corrupt (OpenSlide: {exc}).") from exc
+        raise SlideOpenError(
+            f"{path} is truncated or corrupt (OpenSlide: {_clause(exc)})."
+        ) from exc
     try:
         _probe(osr, path, vendor)
         info = _describe(osr, path, vendor, mpp)
@@ -409,13 +481,23 @@ def _probe(osr: openslide.OpenSlide, path: Path, vendor: str) -> None:
         damage = tiff_damage(path)
         if damage:
             raise SlideOpenError(f"{path} is truncated or corrupt ({damage}).")
-    try:
-        for level, (lvl_w, lvl_h) in enumerate(osr.level_dimensions):
-            ds = osr.level_downsamples[level]
-            l0_xy = (int((lvl_w - 1) * ds), int((lvl_h - 1) * ds))
+    # Tile sizes first: after a failed read, the handle answers nothing, properties included.
+    tiles = [_tile_size(osr, level) for level in range(osr.level_count)]
+    for level, (lvl_w, lvl_h) in enumerate(osr.level_dimensions):
+        ds = osr.level_downsamples[level]
+        l0_xy = (int((lvl_w - 1) * ds), int((lvl_h - 1) * ds))
+        try:
             osr.read_region(l0_xy, level, (1, 1))
-    except openslide.OpenSlideError as exc:
-        raise SlideOpenError(f"{path} is truncated or corrupt (OpenSlide: {exc}).") from exc
+        except openslide.OpenSlideError as exc:
+            tile = tiles[level]
+            if tile is None:
+                raise SlideOpenError(
+                    f"{path} is truncated or corrupt (OpenSlide: {_clause(exc)})."
+                ) from exc
+            where = ((lvl_w - 1) // tile[0], (lvl_h - 1) // tile[1])
+            raise SlideOpenError(
+                damaged_tile_sentence(path, level, where, tile, (lvl_w, lvl_h), _clause(exc))
+            ) from exc
 
 
 def _describe(osr: openslide.OpenSlide, path: Path, vendor: str, mpp: float | None) -> SlideInfo:
@@ -432,6 +514,13 @@ def _describe(osr: openslide.OpenSlide, path: Path, vendor: str, mpp: float | No
             mpp_x = mpp_y = math.nan
         if not (mpp_x > 0 and mpp_y > 0):
             raise SlideOpenError(f"{path} has no microns-per-pixel; pass --mpp.")
+        for value in (mpp_x, mpp_y):
+            if not MPP_RANGE[0] <= value <= MPP_RANGE[1]:
+                raise SlideOpenError(
+                    f"{path} records {value:g} µm/px, outside the plausible range "
+                    f"{_RANGE_TEXT}, so its resolution tags are wrong; pass the real value "
+                    "with --mpp."
+                )
     width, height = osr.dimensions
     return SlideInfo(
         path=path,
@@ -445,6 +534,88 @@ def _describe(osr: openslide.OpenSlide, path: Path, vendor: str, mpp: float | No
         level_dimensions=tuple(tuple(d) for d in osr.level_dimensions),
         level_downsamples=tuple(float(d) for d in osr.level_downsamples),
     )
+
+
+def damaged_tile_sentence(
+    path: Path,
+    level: int,
+    tile: tuple[int, int],
+    tile_size: tuple[int, int],
+    level_size: tuple[int, int],
+    detail: str,
+) -> str:
+    """The one sentence for a tile that cannot be read: where it is, and what to do.
+
+    Args:
+        path: the slide file.
+        level: the pyramid level.
+        tile: (column, row) of the tile in the level's grid.
+        tile_size: (width, height) of the level's tiles.
+        level_size: (width, height) of the level, to clip the last column and row.
+        detail: what the decoder said, as a clause.
+    """
+    (col, row), (tw, th), (w, h) = tile, tile_size, level_size
+    x0, y0 = col * tw, row * th
+    return (
+        f"{path} is truncated or corrupt: level {level}'s tile at column {col}, row {row} "
+        f"(level pixels x {x0}–{min(x0 + tw, w) - 1}, y {y0}–{min(y0 + th, h) - 1}) "
+        f"cannot be decoded ({detail}); copy the file again, or rescan the slide."
+    )
+
+
+def find_damaged_tile(
+    info: SlideInfo, level: int, l0_xy: tuple[int, int], lvl_size: tuple[int, int]
+) -> str | None:
+    """After a failed read, find the first tile of the region that OpenSlide cannot read.
+
+    Uses a fresh OpenSlide handle (a failed one stays failed) and reads one pixel in the
+    middle of each tile of the region, in rows.
+
+    Returns:
+        The `damaged_tile_sentence`, or None where the format has no tile grid, the file
+        cannot be opened again, or every tile reads.
+    """
+    try:
+        osr = openslide.OpenSlide(info.path)
+    except openslide.OpenSlideError:
+        return None
+    try:
+        tile = _tile_size(osr, level)
+        if tile is None:
+            return None
+        (tw, th), (w, h) = tile, info.level_dimensions[level]
+        ds = info.level_downsamples[level]
+        x0, y0 = max(0, int(l0_xy[0] / ds)), max(0, int(l0_xy[1] / ds))
+        x1, y1 = min(w, x0 + lvl_size[0]), min(h, y0 + lvl_size[1])
+        for row in range(y0 // th, -(-y1 // th)):
+            for col in range(x0 // tw, -(-x1 // tw)):
+                cx, cy = min(col * tw + tw // 2, w - 1), min(row * th + th // 2, h - 1)
+                try:
+                    osr.read_region((int(cx * ds), int(cy * ds)), level, (1, 1))
+                except openslide.OpenSlideError as exc:
+                    return damaged_tile_sentence(
+                        info.path, level, (col, row), tile, (w, h), _clause(exc)
+                    )
+        return None
+    finally:
+        osr.close()
+
+
+def _tile_size(osr: openslide.OpenSlide, level: int) -> tuple[int, int] | None:
+    """(width, height) of a level's tiles, where OpenSlide reports a tile grid."""
+    props = osr.properties
+    try:
+        return (
+            int(props[f"openslide.level[{level}].tile-width"]),
+            int(props[f"openslide.level[{level}].tile-height"]),
+        )
+    except (KeyError, ValueError, openslide.OpenSlideError):
+        return None
+
+
+def _clause(exc: BaseException) -> str:
+    """An error's message as a clause inside a sentence: one line, no final full stop."""
+    return " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
 
 
 def _fingerprint(osr: openslide.OpenSlide, path: Path) -> str:

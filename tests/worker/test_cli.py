@@ -93,6 +93,102 @@ def test_bad_input_fails_in_one_sentence_without_rows(
     assert not any(row_counts(db_file).values()), row_counts(db_file)
 
 
+def _with_damaged_tile(source: Path, path: Path, page: int, tile: int) -> Path:
+    data = bytearray(source.read_bytes())
+    with tifffile.TiffFile(source) as tif:
+        offset, count = tif.pages[page].dataoffsets[tile], tif.pages[page].databytecounts[tile]
+    data[offset : offset + count] = np.random.default_rng(2).bytes(count)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def mistakes(tmp: Path, make_tiff, make_cells_image) -> dict[str, tuple[Path, list[str], str]]:
+    """Files and options a new user gets wrong: (slide, extra options, the sentence it
+    starts with)."""
+    slide = make_tiff(tmp / "slide.tiff", make_cells_image(1024, 1024, seed=4), levels=2)
+    ten_metres = make_tiff(tmp / "ten-metres.tiff", make_cells_image(600, 400), mpp=1e7)
+    loop = tmp / "loop.svs"
+    loop.symlink_to(tmp / "loop2.svs")
+    (tmp / "loop2.svs").symlink_to(loop)
+    # The open-time probe reads each level's last tile; the plan reads level 1 (2 x 2 tiles)
+    # whole to find the cells; the ROIs read level 0 (4 x 4 tiles).
+    last = _with_damaged_tile(slide, tmp / "last.tiff", page=0, tile=15)
+    top = _with_damaged_tile(slide, tmp / "top.tiff", page=1, tile=0)
+    middle = _with_damaged_tile(slide, tmp / "middle.tiff", page=0, tile=5)
+    tile_1_1 = "level 0's tile at column 1, row 1 (level pixels x 256–511, y 256–511)"
+    return {
+        "mpp of 10 m in the file": (
+            ten_metres,
+            [],
+            f"{ten_metres} records 1e+07 µm/px, outside the plausible range 0.05–20 µm/px, so "
+            "its resolution tags are wrong; pass the real value with --mpp.",
+        ),
+        "--mpp 100": (
+            slide,
+            ["--mpp", "100"],
+            "--mpp is 100 µm/px, outside the plausible range 0.05–20 µm/px; give the slide's "
+            "real microns per pixel.",
+        ),
+        "symlink loop": (
+            loop,
+            [],
+            f"{loop} is a symbolic link that leads back to itself, not to a slide file; point "
+            "it at the slide.",
+        ),
+        "damaged tile found at open": (
+            last,
+            [],
+            f"{last} is truncated or corrupt: level 0's tile at column 3, row 3 (level pixels "
+            "x 768–1023, y 768–1023) cannot be decoded (Not a JPEG file: starts with 0x",
+        ),
+        "damaged tile on the level the plan reads": (
+            top,
+            [],
+            f"{top} is truncated or corrupt: level 1's tile at column 0, row 0 (level pixels "
+            "x 0–255, y 0–255) cannot be decoded (Not a JPEG file: starts with 0x",
+        ),
+        "damaged tile, DALI reader": (
+            middle,
+            ["--reader", "dali"],
+            f"{middle} is truncated or corrupt: {tile_1_1} cannot be decoded (no JPEG start "
+            "marker); copy the file again, or rescan the slide.",
+        ),
+        "damaged tile, OpenSlide reader": (
+            middle,
+            ["--reader", "openslide"],
+            f"{middle} is truncated or corrupt: {tile_1_1} cannot be decoded (Not a JPEG file: "
+            "starts with 0x",
+        ),
+    }
+
+
+MISTAKES = [
+    "mpp of 10 m in the file",
+    "--mpp 100",
+    "symlink loop",
+    "damaged tile found at open",
+    "damaged tile on the level the plan reads",
+    "damaged tile, DALI reader",
+    "damaged tile, OpenSlide reader",
+]
+
+
+@pytest.mark.parametrize("case", MISTAKES)
+def test_mistakes_are_named_in_one_sentence(
+    case: str, tmp_path: Path, make_tiff, make_cells_image
+) -> None:
+    path, extra, sentence = mistakes(tmp_path, make_tiff, make_cells_image)[case]
+    db_file = tmp_path / "results.db"
+    result = papscan("scan", str(path), "--db", f"sqlite:///{db_file}", "--no-progress", *extra)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    # A scan that fails after it started is also logged, as a warning, by worker.lifecycle.
+    said = [line for line in result.stderr.splitlines() if line.startswith("papscan:")]
+    assert len(said) == 1 and said[0].startswith(f"papscan: {sentence}"), result.stderr
+    assert said[0].endswith(".")
+    assert not any(row_counts(db_file).values()), row_counts(db_file)
+
+
 def test_invalid_model_config_fails_in_one_sentence(tmp_path: Path, small_slide: Path) -> None:
     repo = tmp_path / "models"
     shutil.copytree(default_repository_path(), repo)
@@ -204,3 +300,41 @@ def test_real_aperio_slide_scans_or_says_why(tmp_path: Path) -> None:
         assert json.loads(result.stdout)["reader"].startswith("dali")
     else:
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_square_brackets_in_a_sentence_are_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rich markup once ate `[tensorrt]` from the install hint."""
+    from typer.testing import CliRunner
+
+    from worker.cli.main import app
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on a machine without TensorRT
+    repo = tmp_path / "models"
+    shutil.copytree(default_repository_path(), repo)
+    config = repo / "cell_classifier" / "config.yaml"
+    config.write_text(
+        config.read_text().replace(
+            "backend: [tensorrt, onnxruntime, pytorch]", "backend: [tensorrt]"
+        )
+    )
+    result = CliRunner().invoke(app, ["models", "warmup", str(repo), "--model", "cell_classifier"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "papscan: model 'cell_classifier' version 1 cannot run on auto here (tensorrt: the "
+        "tensorrt package is not installed (install TensorRT 10 from NVIDIA, then pip install "
+        "'papscan[tensorrt]'))"
+    ]
+
+
+def test_help_shows_what_an_option_defaults_to() -> None:
+    from typer.testing import CliRunner
+
+    from worker.cli.main import app
+
+    result = CliRunner().invoke(app, ["worker", "--help"], env={"TERMINAL_WIDTH": "240"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "Worker name (default: papscan-gpuN@host, or papscan-cpu-PID@host)." in text
+    assert "SQLAlchemy URL of the results database (default: PAPSCAN_DB_URL, else a SQLite" in text

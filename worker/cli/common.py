@@ -18,14 +18,14 @@ DbOption = Annotated[
     str | None,
     typer.Option(
         "--db",
-        help="SQLAlchemy URL of the results database [default: PAPSCAN_DB_URL, else a "
-        "SQLite file in the user data directory].",
+        help="SQLAlchemy URL of the results database (default: PAPSCAN_DB_URL, else a "
+        "SQLite file in the user data directory).",
     ),
 ]
 ModelsOption = Annotated[
     Path | None,
     typer.Option(
-        "--models", help="Model repository [default: PAPSCAN_MODELS, else the bundled one]."
+        "--models", help="Model repository (default: PAPSCAN_MODELS, else the bundled one)."
     ),
 ]
 
@@ -59,9 +59,9 @@ def fails_in_one_sentence(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def fail(sentence: str) -> None:
-    from worker.cli.console import err
+    from worker.cli.console import err, labelled
 
-    err.print(f"[bold red]papscan:[/] {sentence}", highlight=False, soft_wrap=True)
+    labelled(err, "papscan", "bold red", sentence)
     raise typer.Exit(1)
 
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -31,6 +32,12 @@ STAGE_ORDER = (
     "write",
     "total",
 )
+
+
+def labelled(console: Console, label: str, style: str, message: str) -> None:
+    """Print `label: message` on one line, the label in `style`; the message is text, never
+    markup, so its square brackets (`papscan[tensorrt]`, `slide[2].svs`) print as they are."""
+    console.print(f"[{style}]{label}:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -72,12 +79,12 @@ def print_report(report: ScanReport) -> None:
     """The slide-level result as a person reads it."""
     s = report.summary
     out.print(
-        f"[bold]{report.path}[/]  scan {report.scan_id}  "
+        f"[bold]{escape(report.path)}[/]  scan {report.scan_id}  "
         f"{report.width}×{report.height} px at {report.mpp:.3f} µm/px, "
         f"{report.rois_planned} ROIs via {report.reader}"
     )
     for warning in report.warnings:
-        out.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+        labelled(out, "warning", "bold yellow", warning)
     style = "green" if s.category == "NILM" else "bold red"
     out.print(
         f"category [{style}]{s.category}[/]   suspicion score {s.score:.3f}   "

@@ -78,7 +78,10 @@ def scan(
     from worker.lifecycle import scan_file
     from worker.pipeline.scan import ScanOptions
     from worker.settings import get_settings
+    from worker.wsi.slide import check_mpp
 
+    if mpp is not None:
+        check_mpp(mpp, "--mpp")
     with roi_progress(slide.name, enabled=progress and not as_json) as on_progress:
         report = scan_file(
             slide,
@@ -115,7 +118,7 @@ def export(
         typer.Option("--format", help="csv: one row per cell; geojson: cell boxes for QuPath."),
     ] = ExportFormat.csv,
     output: Annotated[
-        Path | None, typer.Option("--out", "-o", help="File to write [default: stdout].")
+        Path | None, typer.Option("--out", "-o", help="File to write (default: stdout).")
     ] = None,
     db: DbOption = None,
     model_repository: Annotated[
@@ -127,10 +130,10 @@ def export(
     ] = None,
     name: Annotated[
         str | None,
-        typer.Option(help="Model name [default: cell_classifier or roi_classifier]."),
+        typer.Option(help="Model name (default: cell_classifier or roi_classifier)."),
     ] = None,
     version: Annotated[
-        int | None, typer.Option(help="Version number [default: the next free one].")
+        int | None, typer.Option(help="Version number (default: the next free one).")
     ] = None,
     fp16: Annotated[
         bool, typer.Option("--fp16/--no-fp16", help="Also write model.fp16.onnx.")

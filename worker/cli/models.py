@@ -25,7 +25,7 @@ models_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 RepoArgument = Annotated[
     Path | None,
-    typer.Argument(help="Model repository [default: PAPSCAN_MODELS, else the bundled one]."),
+    typer.Argument(help="Model repository (default: PAPSCAN_MODELS, else the bundled one)."),
 ]
 ModelFilter = Annotated[
     list[str] | None, typer.Option("--model", "-m", help="Only this model (repeatable).")
@@ -84,7 +84,7 @@ def describe(
     model: Annotated[str, typer.Argument(help="The model's name (its folder).")],
     repo: RepoArgument = None,
     version: Annotated[
-        int | None, typer.Option(help="Version [default: the newest served].")
+        int | None, typer.Option(help="Version (default: the newest served).")
     ] = None,
     device: DeviceOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,

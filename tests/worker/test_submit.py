@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from tests.worker.conftest import Cluster
 from train.synth import write_synthetic_slide
 from worker.db.models import Scan, Slide
+from worker.queue.submit import ManifestError, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +114,57 @@ def test_a_worker_says_which_service_is_unreachable(cluster: Cluster) -> None:
     )
     sentence = _one_sentence(no_db)
     assert "results database" in sentence and "127.0.0.1:1" in sentence
+
+
+def test_mpp_for_slides_that_do_not_record_it(
+    cluster: Cluster, tmp_path: Path, make_tiff, make_cells_image
+) -> None:
+    a, b, c = (
+        make_tiff(tmp_path / f"no-mpp-{k}.tiff", make_cells_image(768, 512, seed=k), mpp=None)
+        for k in (1, 2, 3)
+    )
+    refused = cluster.papscan("submit", str(a))
+    assert _one_sentence(refused) == (
+        f"papscan: {a} has no microns-per-pixel; pass --mpp; nothing was queued."
+    )
+    assert len(cluster.submit(str(a), "--mpp", "0.25")["queued"]) == 1
+    manifest = tmp_path / "tonight.csv"
+    manifest.write_text(f"path,mpp\n{b},0.3\n{c},\n")
+    assert len(cluster.submit("--manifest", str(manifest), "--mpp", "0.4")["queued"]) == 2
+    with cluster.db.session() as s:
+        mpps = {
+            path: (x, y) for path, x, y in s.execute(select(Slide.path, Slide.mpp_x, Slide.mpp_y))
+        }
+    assert mpps == {str(a): (0.25, 0.25), str(b): (0.3, 0.3), str(c): (0.4, 0.4)}
+
+    wrong = cluster.papscan("submit", str(a), "--mpp", "100")
+    assert _one_sentence(wrong) == (
+        "papscan: --mpp is 100 µm/px, outside the plausible range 0.05–20 µm/px; give the "
+        "slide's real microns per pixel."
+    )
+    assert _scan_count(cluster) == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "sentence"),
+    [
+        (
+            "abc",
+            "the mpp on line 3 of the manifest {m}, 'abc', is not a number; give microns "
+            "per pixel, e.g. 0.25.",
+        ),
+        (
+            "25",
+            "the mpp on line 3 of the manifest {m} is 25 µm/px, outside the plausible range "
+            "0.05–20 µm/px; give the slide's real microns per pixel.",
+        ),
+    ],
+)
+def test_a_manifest_mpp_that_cannot_be_right_names_its_line(
+    tmp_path: Path, value: str, sentence: str
+) -> None:
+    manifest = tmp_path / "tonight.csv"
+    manifest.write_text(f"path,barcode,mpp\na.svs,CX-1,0.25\nb.svs,CX-2,{value}\n")
+    with pytest.raises(ManifestError) as info:
+        read_manifest(manifest)
+    assert str(info.value) == sentence.format(m=manifest)

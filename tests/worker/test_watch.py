@@ -89,3 +89,30 @@ def test_a_changed_file_is_looked_at_again(tmp_path: Path) -> None:
         now[0] = t
         watcher.poll()
     assert len(events) == 2
+
+
+def test_watch_mpp_opens_slides_that_do_not_record_it(
+    tmp_path: Path, make_tiff, make_cells_image
+) -> None:
+    make_tiff(tmp_path / "no-mpp.tiff", make_cells_image(512, 512), mpp=None)
+    submitted, events = [], []
+
+    def submit(checked: list) -> list:
+        submitted.extend(checked)
+        return []
+
+    watcher = FolderWatcher(tmp_path, 0.0, submit, events.append, clock=lambda: 0.0, mpp=0.25)
+    watcher.poll()
+    watcher.poll()
+    assert events == [] and [c.info.mpp for c in submitted] == [0.25]
+
+    from typer.testing import CliRunner
+
+    from worker.cli.main import app
+
+    result = CliRunner().invoke(app, ["watch", str(tmp_path), "--mpp", "30"])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "papscan: --mpp is 30 µm/px, outside the plausible range 0.05–20 µm/px; give the "
+        "slide's real microns per pixel."
+    )

@@ -1,11 +1,11 @@
 """The overnight queue's commands: `worker`, `submit`, `status`, `cancel`, `retry`, `watch`.
 
     papscan worker [--gpu N] [--queues stat,routine] [--concurrency 1] [--name NODE]
-    papscan submit PATH... | --manifest CSV [--priority stat|routine] [--force]
+    papscan submit PATH... | --manifest CSV [--priority stat|routine] [--force] [--mpp 0.25]
     papscan status [--watch] [--json]
     papscan cancel SCAN
     papscan retry SCAN... | --failed
-    papscan watch DIR [--settle 30] [--interval 2] [--priority routine]
+    papscan watch DIR [--settle 30] [--interval 2] [--priority routine] [--mpp 0.25]
 
 The broker is `PAPSCAN_BROKER_URL` (Redis); results go to `PAPSCAN_DB_URL` (PostgreSQL
 when several workers write) or `--db`. Mounted at the top level of `papscan`.
@@ -78,8 +78,8 @@ def worker(
     gpu: Annotated[
         int | None,
         typer.Option(
-            help="GPU index this worker owns (sets CUDA_VISIBLE_DEVICES) [default: "
-            "whatever the process sees]."
+            help="GPU index this worker owns (sets CUDA_VISIBLE_DEVICES; default: "
+            "whatever the process sees)."
         ),
     ] = None,
     queues: Annotated[
@@ -95,7 +95,7 @@ def worker(
     ] = 1,
     name: Annotated[
         str | None,
-        typer.Option(help="Worker name [default: papscan-gpuN@host, or papscan-cpu-PID@host]."),
+        typer.Option(help="Worker name (default: papscan-gpuN@host, or papscan-cpu-PID@host)."),
     ] = None,
     db: DbOption = None,
     models: ModelsOption = None,
@@ -211,7 +211,7 @@ def submit(
     paths: Annotated[list[Path] | None, typer.Argument(help="Slide files to scan.")] = None,
     manifest: Annotated[
         Path | None,
-        typer.Option(help="CSV with a 'path' column and optionally a 'barcode' column."),
+        typer.Option(help="CSV with a 'path' column, and optionally 'barcode' and 'mpp' columns."),
     ] = None,
     priority: Annotated[Priority, typer.Option(help="Queue: stat goes first.")] = (
         Priority.routine
@@ -220,6 +220,13 @@ def submit(
         bool,
         typer.Option(help="Queue a new scan even if one with the same models exists."),
     ] = False,
+    mpp: Annotated[
+        float | None,
+        typer.Option(
+            help="Microns per pixel, for files that do not record it: every PATH, and "
+            "manifest rows with no mpp of their own."
+        ),
+    ] = None,
     db: DbOption = None,
     models: ModelsOption = None,
     as_json: JsonOption = False,
@@ -233,12 +240,15 @@ def submit(
         read_manifest,
         submit_slides,
     )
+    from worker.wsi.slide import check_mpp
 
     if not paths and manifest is None:
         fail("give slide paths or --manifest CSV")
-    requests = [SlideRequest(p) for p in paths or []]
+    if mpp is not None:
+        check_mpp(mpp, "--mpp")
+    requests = [SlideRequest(p, mpp=mpp) for p in paths or []]
     if manifest is not None:
-        requests += read_manifest(manifest)
+        requests += read_manifest(manifest, mpp=mpp)
     checked = check_slides(requests)
     settings = _settings(db, models)
     versions = model_versions(repository(settings.models_dir))
@@ -257,11 +267,12 @@ def submit(
         barcode = f"  barcode {q.barcode}" if q.barcode else ""
         out.print(
             f"queued  scan {q.scan_id}  {q.priority}  {q.path}{barcode}",
+            markup=False,
             highlight=False,
             soft_wrap=True,
         )
     for k in report.skipped:
-        out.print(f"skipped {k.path}: {k.reason}", highlight=False, soft_wrap=True)
+        out.print(f"skipped {k.path}: {k.reason}", markup=False, highlight=False, soft_wrap=True)
     out.print(f"{len(report.queued)} queued, {len(report.skipped)} skipped", highlight=False)
 
 
@@ -363,6 +374,12 @@ def watch(
     priority: Annotated[Priority, typer.Option(help="Queue for what it submits.")] = (
         Priority.routine
     ),
+    mpp: Annotated[
+        float | None,
+        typer.Option(
+            help="Microns per pixel of every slide it submits, for files that do not record it."
+        ),
+    ] = None,
     db: DbOption = None,
     models: ModelsOption = None,
 ) -> None:
@@ -371,9 +388,12 @@ def watch(
     from worker.queue.broker import check_broker
     from worker.queue.submit import model_versions, submit_slides
     from worker.queue.watch import FolderWatcher, WatchEvent
+    from worker.wsi.slide import check_mpp
 
     if not folder.is_dir():
         fail(f"the watch folder {folder} is not a folder")
+    if mpp is not None:
+        check_mpp(mpp, "--mpp")
     settings = _settings(db, models)
     versions = model_versions(repository(settings.models_dir))
     database = _database(settings.db_url)
@@ -400,11 +420,12 @@ def watch(
             text = f"ignored {event.message}"
         elif event.kind == "error":
             text = f"waiting: {event.message}"
-        out.print(text, highlight=False, soft_wrap=True)
+        out.print(text, markup=False, highlight=False, soft_wrap=True)
 
-    watcher = FolderWatcher(folder, settle, submit_checked, show)
+    watcher = FolderWatcher(folder, settle, submit_checked, show, mpp=mpp)
     out.print(
         f"watching {folder} (a file is queued {settle:g} s after it stops growing)",
+        markup=False,
         highlight=False,
         soft_wrap=True,
     )

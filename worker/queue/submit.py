@@ -29,7 +29,7 @@ from worker.pipeline.scan import MODEL_NAMES
 from worker.queue.app import QUEUES
 from worker.queue.broker import check_broker, send_scan
 from worker.queue.control import send_jobs
-from worker.wsi.slide import SlideInfo, open_slide
+from worker.wsi.slide import SlideInfo, check_mpp, open_slide
 
 __all__ = [
     "ManifestError",
@@ -54,10 +54,12 @@ class ManifestError(SlideOpenError):
 
 @dataclass(frozen=True)
 class SlideRequest:
-    """A slide to submit: its file and, from a manifest, its barcode."""
+    """A slide to submit: its file, its barcode (from a manifest) and the microns per pixel
+    to use instead of the file's own (`--mpp` or the manifest), if any."""
 
     path: Path
     barcode: str | None = None
+    mpp: float | None = None
 
 
 @dataclass(frozen=True)
@@ -96,12 +98,17 @@ class SubmitReport:
     skipped: list[SkippedSlide]
 
 
-def read_manifest(path: Path) -> list[SlideRequest]:
-    """Read a manifest CSV: a `path` column (relative paths are from the CSV's folder) and
-    an optional `barcode` column; other columns are ignored.
+def read_manifest(path: Path, mpp: float | None = None) -> list[SlideRequest]:
+    """Read a manifest CSV: a `path` column (relative paths are from the CSV's folder), and
+    optional `barcode` and `mpp` columns; other columns are ignored.
+
+    Args:
+        path: the CSV file.
+        mpp: microns per pixel for rows whose `mpp` is empty or absent (`--mpp`).
 
     Raises:
-        ManifestError: the file cannot be read, has no `path` column, or names no slide.
+        ManifestError: the file cannot be read, has no `path` column, names no slide, or
+            has an `mpp` that is not a number in `MPP_RANGE` (the sentence names the line).
     """
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
@@ -118,7 +125,10 @@ def read_manifest(path: Path) -> list[SlideRequest]:
                 if not slide_path.is_absolute():
                     slide_path = path.parent / slide_path
                 barcode = (row.get(columns.get("barcode", ""), "") or "").strip() or None
-                requests.append(SlideRequest(slide_path, barcode))
+                row_mpp = _manifest_mpp(row.get(columns.get("mpp", ""), ""), path, reader)
+                requests.append(
+                    SlideRequest(slide_path, barcode, mpp if row_mpp is None else row_mpp)
+                )
     except OSError as exc:
         raise ManifestError(f"cannot read the manifest {path}: {exc.strerror or exc}.") from exc
     except (csv.Error, UnicodeDecodeError) as exc:
@@ -126,6 +136,24 @@ def read_manifest(path: Path) -> list[SlideRequest]:
     if not requests:
         raise ManifestError(f"the manifest {path} names no slides.")
     return requests
+
+
+def _manifest_mpp(raw: str | None, path: Path, reader: csv.DictReader) -> float | None:
+    """A manifest row's `mpp`, None where it is empty."""
+    raw = (raw or "").strip()
+    if not raw:
+        return None
+    where = f"line {reader.line_num} of the manifest {path}"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ManifestError(
+            f"the mpp on {where}, {raw!r}, is not a number; give microns per pixel, e.g. 0.25."
+        ) from None
+    try:
+        return check_mpp(value, f"the mpp on {where}")
+    except SlideOpenError as exc:
+        raise ManifestError(str(exc)) from None
 
 
 def check_slides(requests: Sequence[SlideRequest]) -> list[CheckedSlide]:
@@ -139,7 +167,7 @@ def check_slides(requests: Sequence[SlideRequest]) -> list[CheckedSlide]:
     errors: list[SlideOpenError] = []
     for request in requests:
         try:
-            with open_slide(request.path) as slide:
+            with open_slide(request.path, mpp=request.mpp) as slide:
                 barcode = request.barcode or _barcode(slide.osr.properties)
                 checked.append(CheckedSlide(slide.info, barcode))
         except SlideOpenError as exc:

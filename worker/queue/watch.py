@@ -65,6 +65,7 @@ class FolderWatcher:
             event per slide; see `papscan watch`.
         on_event: called with each event, once.
         clock: monotonic seconds (a parameter for tests).
+        mpp: microns per pixel to use instead of each file's own (`--mpp`), if any.
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class FolderWatcher:
         submit: Submit,
         on_event: Callable[[WatchEvent], None],
         clock: Callable[[], float] = time.monotonic,
+        mpp: float | None = None,
     ) -> None:
         if settle_s < 0:
             raise ValueError(f"settle_s must be >= 0, got {settle_s}")
@@ -82,6 +84,7 @@ class FolderWatcher:
         self._submit = submit
         self._on_event = on_event
         self._clock = clock
+        self._mpp = mpp
         self._seen: dict[Path, _Seen] = {}
         self._last_error: str | None = None
 
@@ -137,7 +140,7 @@ class FolderWatcher:
     def _handle(self, path: Path) -> list[WatchEvent]:
         seen = self._seen[path]
         try:
-            checked = check_slides([SlideRequest(path)])
+            checked = check_slides([SlideRequest(path, mpp=self._mpp)])
         except SlideOpenError as exc:
             seen.handled = True  # reported once; looked at again only if it changes
             return [WatchEvent(path, "not-a-slide", str(exc).replace("; nothing was queued", ""))]

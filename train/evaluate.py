@@ -82,9 +82,10 @@ def class_map(
 
 
 def _load_model(run_dir: Path, device: torch.device) -> tuple[torch.nn.Module, int]:
+    from train.loops.supervised import load_weights
     from train.models import create_model
 
-    checkpoint = torch.load(run_dir / MODEL_PT, map_location=device, weights_only=False)
+    checkpoint = load_weights(run_dir / MODEL_PT, device)
     model = create_model(
         checkpoint["arch"], num_classes=checkpoint["num_classes"], **checkpoint["arch_kwargs"]
     )
@@ -119,7 +120,8 @@ def evaluate_run(
     Raises:
         FileNotFoundError: Not a run folder, or the data set is missing.
         ValueError: An unfinished run, a detector run, a bad split, a test split on
-            another data set (or on changed data), or classes that cannot be mapped.
+            another data set (or on changed data), classes that cannot be mapped, or a
+            model.pt holding more than weights and plain values (never unpickled).
     """
     from train.loops.rois import BagLearner, open_cell_bags
     from train.loops.supervised import CellLearner, Learner, auto_device

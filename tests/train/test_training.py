@@ -4,6 +4,7 @@ and the `papscan train cells|rois|detector` commands, on tiny generated data set
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from train.evaluate import class_map, evaluate_run
 from train.export.run_export import export_run
 from train.loops import rois as rois_loop
 from train.loops.rois import train_rois
-from train.loops.supervised import median_fold, train_cells
+from train.loops.supervised import fold_weights, median_fold, train_cells
 from train.protocols import PROTOCOLS, get_protocol
 from train.runs import summarise_folds
 
@@ -168,7 +169,7 @@ def test_kfold_run_folder(kfold_run: Path) -> None:
     assert summary["accuracy"]["mean"] == pytest.approx(np.mean(accs), abs=1e-4)
     assert summary["accuracy"]["std"] == pytest.approx(np.std(accs), abs=1e-4)
     assert set(summary["per_class"]["light"]) == {"precision", "recall", "f1"}
-    model = torch.load(kfold_run / "model.pt", weights_only=False)
+    model = torch.load(kfold_run / "model.pt", weights_only=True)
     assert set(model) == {"arch", "arch_kwargs", "num_classes", "state_dict", "fold"}
     assert model["fold"] == splits["exported_fold"] == median_fold(accs)
 
@@ -217,14 +218,14 @@ def test_resume_equals_uninterrupted(kfold_run: Path, class_folder: Path, tmp_pa
         show_progress=False,
     )
     assert seen == [(1, 2)]  # fold 0 kept, fold 1 continued from its epoch 1
-    resumed = torch.load(run_dir / "model.pt", weights_only=False)
-    straight = torch.load(kfold_run / "model.pt", weights_only=False)
+    resumed = torch.load(run_dir / "model.pt", weights_only=True)
+    straight = torch.load(kfold_run / "model.pt", weights_only=True)
     assert resumed["fold"] == straight["fold"]
     for name, tensor in straight["state_dict"].items():
         assert torch.equal(tensor, resumed["state_dict"][name]), name
     for k in (0, 1):
-        a = torch.load(run_dir / f"fold{k}" / "last.pt", weights_only=False)["model"]
-        b = torch.load(kfold_run / f"fold{k}" / "last.pt", weights_only=False)["model"]
+        a = torch.load(run_dir / f"fold{k}" / "last.pt", weights_only=True)["model"]
+        b = torch.load(kfold_run / f"fold{k}" / "last.pt", weights_only=True)["model"]
         assert all(torch.equal(a[n], b[n]) for n in a)
     m1 = json.loads((run_dir / "metrics.json").read_text())
     m2 = json.loads((kfold_run / "metrics.json").read_text())
@@ -245,7 +246,7 @@ def test_ratio_protocol_selects_on_validation(class_folder: Path, tmp_path: Path
     val = [line["val_accuracy"] for line in report["history"]]
     assert all("test_accuracy" not in line for line in report["history"])
     assert metrics["folds"][0]["selected_epoch"] == int(np.argmax(val)) + 1
-    exported = torch.load(run_dir / "model.pt", weights_only=False)["state_dict"]
+    exported = torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
     best = torch.load(run_dir / "fold0" / "best.pt")
     assert all(torch.equal(exported[n], best[n]) for n in best)
 
@@ -262,6 +263,44 @@ def test_evaluate_run_reproduces_exported_fold(kfold_run: Path, class_folder: Pa
     assert everything["n"] == 40
     with pytest.raises(ValueError, match="split"):
         evaluate_run(kfold_run, split="val")
+
+
+class _RunsCode:
+    """Pickles to a call that writes `marker` when unpickled: what a hostile model.pt holds."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def test_evaluate_refuses_a_model_pt_that_would_run_code(kfold_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "from-elsewhere"
+    shutil.copytree(kfold_run, run_dir)
+    marker = tmp_path / "ran"
+    checkpoint = torch.load(run_dir / "model.pt", weights_only=True)
+    torch.save({**checkpoint, "arch_kwargs": _RunsCode(marker)}, run_dir / "model.pt")
+    result = CliRunner().invoke(
+        _app(), ["evaluate", str(run_dir), "--threads", "1"], env={"COLUMNS": "500"}
+    )
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == (
+        f"papscan: {run_dir / 'model.pt'} holds Python objects besides weights, so it was not "
+        "loaded (loading them could run code); use a file papscan wrote, or train the run again."
+    )
+    assert not marker.exists()
+
+
+def test_checkpoints_that_would_run_code_are_refused(kfold_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(kfold_run, run_dir)
+    marker = tmp_path / "ran"
+    last = run_dir / "fold0" / "last.pt"
+    torch.save({**torch.load(last, weights_only=True), "rng": _RunsCode(marker)}, last)
+    with pytest.raises(ValueError, match="holds Python objects besides weights"):
+        fold_weights(run_dir, 0, selected_on_val=False)
+    assert not marker.exists()
 
 
 def test_class_maps() -> None:

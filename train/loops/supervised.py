@@ -24,6 +24,7 @@ import abc
 import logging
 import math
 import os
+import pickle
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -243,6 +244,22 @@ def make_splits(
     return [{"train": cap(tr), "val": cap(va), "test": cap(te)} for tr, va, te in parts]
 
 
+def load_weights(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load` of weights only: tensors and plain values (dicts, lists, str, numbers),
+    never pickled objects, whose loading could run any code.
+
+    Raises:
+        ValueError: the file holds something else; one sentence.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{path} holds Python objects besides weights, so it was not loaded (loading "
+            "them could run code); use a file papscan wrote, or train the run again."
+        ) from exc
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -318,7 +335,7 @@ def _train_fold(
     start_epoch = 0
     last_path = fdir / LAST_PT
     if last_path.exists():
-        ckpt = torch.load(last_path, map_location=learner.device, weights_only=False)
+        ckpt = load_weights(last_path, learner.device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -391,7 +408,7 @@ def _train_fold(
             on_epoch_end(fold, epoch + 1)
 
     if has_val:
-        model.load_state_dict(torch.load(fdir / BEST_PT, map_location=learner.device))
+        model.load_state_dict(load_weights(fdir / BEST_PT, learner.device))
     y_pred = learner.predict(model, test_idx)
     report = classification_report(learner.labels[test_idx], y_pred, learner.classes)
     f1s = [report["per_class"][c]["f1"] for c in learner.classes]
@@ -416,8 +433,8 @@ def fold_weights(run_dir: Path, fold: int, selected_on_val: bool) -> dict[str, t
     """A finished fold's weights: best-on-validation for ratio splits, else the last epoch."""
     fdir = run_dir / f"fold{fold}"
     if selected_on_val:
-        return torch.load(fdir / BEST_PT, map_location="cpu")
-    return torch.load(fdir / LAST_PT, map_location="cpu", weights_only=False)["model"]
+        return load_weights(fdir / BEST_PT)
+    return load_weights(fdir / LAST_PT)["model"]
 
 
 def median_fold(accuracies: list[float]) -> int:

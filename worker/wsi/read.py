@@ -28,10 +28,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-import cv2
 import numpy as np
 
 from engines.errors import BackendUnavailableError
+from engines.preprocess import resample
 from worker.errors import SlideReadError
 from worker.pipeline.plan import Roi
 from worker.wsi.decode import (
@@ -112,14 +112,7 @@ class _LevelGeometry:
         scale = self.choice.scale
         if scale == 1.0:
             return lvl_image
-        # fx, fy without dsize: OpenCV maps output pixels with exactly this factor.
-        out = cv2.resize(
-            lvl_image,
-            None,
-            fx=1.0 / scale,
-            fy=1.0 / scale,
-            interpolation=cv2.INTER_AREA if scale > 1.0 else cv2.INTER_LINEAR,
-        )
+        out = resample(lvl_image, 1.0 / scale)  # the resampling training uses too
         return np.ascontiguousarray(out[: self.roi_px, : self.roi_px])
 
     def where(self, roi: Roi) -> str:

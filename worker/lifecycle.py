@@ -165,7 +165,10 @@ def run_scan(
         raise
     except BaseException as exc:
         sentence = _sentence(exc)
-        logger.warning("scan %d failed: %s", scan_id, sentence, exc_info=not _expected(exc))
+        if _expected(exc):  # the sentence is on the row (and printed by `papscan scan`)
+            logger.info("scan %d failed: %s", scan_id, sentence)
+        else:
+            logger.warning("scan %d failed: %s", scan_id, sentence, exc_info=True)
         try:
             with db.transaction() as s:
                 jobs.give_up_scan(s, scan_id, sentence, attempt=claim.attempt)

@@ -350,3 +350,20 @@ def test_a_version_folder_that_scans_used_is_not_overwritten(tmp_path: Path) -> 
         s.get(Scan, scan_id).model_sha256 = {"cell_classifier": sha}
     with pytest.raises(jobs.VersionInUseError, match=r"1 scan\(s\)"):
         jobs.refuse_overwrite_of_scanned_weights(db, version_dir, "cell_classifier", sha)
+
+
+def test_the_cli_guards_train_and_export_against_overwriting_scanned_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.cli.main  # noqa: F401  (installs the guard, as `papscan` does)
+    from train.export.guards import check_overwrite
+
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    db.create_schema()
+    _, scan_id = _queued_scan(db)
+    with db.transaction() as s:
+        s.get(Scan, scan_id).model_sha256 = {"cell_detector": "e" * 64}
+    monkeypatch.setenv("PAPSCAN_DB_URL", str(db.url))
+    check_overwrite(tmp_path, "cell_detector", "f" * 64)  # other weights: fine
+    with pytest.raises(jobs.VersionInUseError):
+        check_overwrite(tmp_path, "cell_detector", "e" * 64)

@@ -14,7 +14,7 @@ import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import yaml
 
 from engines.hashing import file_sha256 as sha256_of
 from train.data.paths import PROJECT_ROOT
+from train.export.guards import check_overwrite
 from train.export.onnx_export import onnx_opset
 
 logger = logging.getLogger(__name__)
@@ -94,19 +95,6 @@ def _flow(value: Any) -> str:
     )
 
 
-# Checks run before a version folder is replaced: each gets (version folder, model name,
-# sha256 of the weights there) and raises to refuse. `train` never imports `worker`; the
-# `papscan` CLI, which composes both, installs the check against the results database.
-OverwriteGuard = Callable[[Path, str, str], None]
-_overwrite_guards: list[OverwriteGuard] = []
-
-
-def guard_overwrites(guard: OverwriteGuard) -> None:
-    """Run `guard` before any existing version folder is replaced (once per guard)."""
-    if guard not in _overwrite_guards:
-        _overwrite_guards.append(guard)
-
-
 def write_model_version(
     repo: Path,
     config: dict[str, Any],
@@ -124,7 +112,7 @@ def write_model_version(
     PyTorch program is copied to `<version>/model.pt2` and the card's `pytorch_artifact`
     gives its sha256, size and `pt2_checks`; each of `extra_artifacts` is copied under its
     file name and listed in the card's `extra_artifacts` with its sha256 and size. An
-    existing version folder is replaced, unless a guard (`guard_overwrites`) refuses: the
+    existing version folder is replaced, unless a guard (`train.export.guards`) refuses: the
     `papscan` CLI refuses when scans in the results database ran its weights, whose audit
     trail would then name weights that no longer exist.
 
@@ -154,8 +142,7 @@ def write_model_version(
     if version_dir.exists():
         if (version_dir / "model.onnx").is_file():
             sha256 = sha256_of(version_dir / "model.onnx")
-            for guard in _overwrite_guards:
-                guard(version_dir, name, sha256)
+            check_overwrite(version_dir, name, sha256)
         shutil.rmtree(version_dir)
     version_dir.mkdir(parents=True)
     (model_dir / "config.yaml").write_text(dump_config_yaml(config))

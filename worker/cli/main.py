@@ -235,9 +235,24 @@ def demo(
 
 
 from train.cli import evaluate_command, train_app  # noqa: E402  (composition root: mounted after the app exists)
+from train.export.guards import guard_overwrites  # noqa: E402
 from worker.cli.models import models_app  # noqa: E402
 
 app.add_typer(train_app, name="train", help="Train models and write a model repository.")
+
+
+def _refuse_overwriting_scanned_weights(version_dir: Path, name: str, sha256: str) -> None:
+    """`train` and `export` never replace weights that scans in the results database ran."""
+    from worker.db import jobs
+
+    db = _database(None)
+    try:
+        jobs.refuse_overwrite_of_scanned_weights(db, version_dir, name, sha256)
+    finally:
+        db.dispose()
+
+
+guard_overwrites(_refuse_overwriting_scanned_weights)
 app.command("evaluate")(evaluate_command)
 app.add_typer(
     models_app, name="models", help="Inspect, verify, warm up and time a model repository."

@@ -236,6 +236,7 @@ def submit(
     from worker.queue.submit import (
         SlideRequest,
         check_slides,
+        model_sha256,
         model_versions,
         read_manifest,
         submit_slides,
@@ -251,7 +252,8 @@ def submit(
         requests += read_manifest(manifest, mpp=mpp)
     checked = check_slides(requests)
     settings = _settings(db, models)
-    versions = model_versions(repository(settings.models_dir))
+    repo = repository(settings.models_dir)
+    versions = model_versions(repo)
     report = submit_slides(
         _database(settings.db_url),
         settings.broker_url,
@@ -259,6 +261,7 @@ def submit(
         versions,
         priority=priority.value,
         force=force,
+        hashes=model_sha256(repo, versions),
     )
     if as_json:
         print(json.dumps(dataclasses.asdict(report)))
@@ -386,7 +389,7 @@ def watch(
     """Queue each slide written into FOLDER once it has stopped growing."""
     from worker.cli.console import out
     from worker.queue.broker import check_broker
-    from worker.queue.submit import model_versions, submit_slides
+    from worker.queue.submit import model_sha256, model_versions, submit_slides
     from worker.queue.watch import FolderWatcher, WatchEvent
     from worker.wsi.slide import check_mpp
 
@@ -395,14 +398,21 @@ def watch(
     if mpp is not None:
         check_mpp(mpp, "--mpp")
     settings = _settings(db, models)
-    versions = model_versions(repository(settings.models_dir))
+    repo = repository(settings.models_dir)
+    versions = model_versions(repo)
+    hashes = model_sha256(repo, versions)
     database = _database(settings.db_url)
     check_broker(settings.broker_url)
     database.check()
 
     def submit_checked(checked: list) -> list[WatchEvent]:
         report = submit_slides(
-            database, settings.broker_url, checked, versions, priority=priority.value
+            database,
+            settings.broker_url,
+            checked,
+            versions,
+            priority=priority.value,
+            hashes=hashes,
         )
         events = [
             WatchEvent(Path(q.path), "queued", f"queued  scan {q.scan_id}  {q.path}")

@@ -36,6 +36,7 @@ __all__ = [
     "SlideRequest",
     "SubmitReport",
     "check_slides",
+    "model_sha256",
     "model_versions",
     "read_manifest",
     "submit_slides",
@@ -199,6 +200,11 @@ def model_versions(repository: ModelRepository) -> dict[str, int]:
     return versions
 
 
+def model_sha256(repository: ModelRepository, versions: dict[str, int]) -> dict[str, str]:
+    """The sha256 of each engine's weights at these versions: the models' identity."""
+    return {name: repository.weights_sha256(name, version) for name, version in versions.items()}
+
+
 def submit_slides(
     db: Database,
     broker_url: str,
@@ -208,6 +214,7 @@ def submit_slides(
     priority: str = "routine",
     force: bool = False,
     send: Callable[[int, str], None] = send_scan,
+    hashes: dict[str, str] | None = None,
 ) -> SubmitReport:
     """Record checked slides and queued scans, then send their jobs.
 
@@ -219,6 +226,8 @@ def submit_slides(
         priority: "stat" or "routine".
         force: queue a new scan even where an equivalent one is queued, running or done.
         send: sends one job (scan id, priority); `broker.send_scan` by default.
+        hashes: engine name -> sha256 of its weights (`model_sha256`): "already scanned
+            with these models" then means the same weights, not just the same numbers.
 
     Raises:
         BrokerUnavailableError: Redis cannot be reached (before anything is recorded, or
@@ -241,7 +250,7 @@ def submit_slides(
                 continue
             seen[info.fingerprint] = path
             row = queries.record_slide(s, info, barcode=slide.barcode)
-            existing = None if force else jobs.find_equivalent_scan(s, row.id, versions)
+            existing = None if force else jobs.find_equivalent_scan(s, row.id, versions, hashes)
             if existing is not None:
                 skipped.append(
                     SkippedSlide(
@@ -251,7 +260,7 @@ def submit_slides(
                     )
                 )
                 continue
-            scan = queries.create_scan(s, row.id, versions, priority=priority)
+            scan = queries.create_scan(s, row.id, versions, priority=priority, model_sha256=hashes)
             queued.append(QueuedScan(scan.id, row.id, path, priority, row.barcode))
     send_jobs(db, [(q.scan_id, q.priority) for q in queued], send)
     return SubmitReport(queued, skipped)

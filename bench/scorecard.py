@@ -2,9 +2,7 @@
 
     python bench/scorecard.py                                  # shipped models, test part
     python bench/scorecard.py --models runs/my-repo --limit 20 # a quick look at another one
-    python bench/scorecard.py --part val --fit-threshold       # choose the slide threshold
-    python bench/scorecard.py --val-json runs/scorecard/repository-val/scorecard.json
-    python bench/scorecard.py --threshold 0.42                 # or give it directly
+    python bench/scorecard.py --part val --fit-operating-point # fit the slide call on val
 
 Every real field image of the chosen part (`test` by default, `--part val`; the fixed split
 of train/data/heldout.py) is written as a small JPEG-tiled pyramidal TIFF at the field's
@@ -25,10 +23,13 @@ And, without the detector, the cell classifier on crops cut exactly as the scann
 them (the classifier's field at the detector's mpp, from its config): CRIC's labelled
 cells of the same fields and Herlev's held-out part.
 
-The slide threshold on the suspicion score is chosen on `val` (`--part val
---fit-threshold`: the highest threshold with sensitivity >= 0.95 on the val LBC and CRIC
-fields pooled, written into that run's JSON) and applied to `test` with `--val-json PATH`
-or `--threshold T`. Without one, the figures at a threshold are left out.
+Fields are called by the repository's own operating point (`slide_call.yaml`, see
+worker/pipeline/slide_call.py), as a scan calls a slide, with no adequacy minimum (a field
+is not a slide), each set under its own preparation (`PREPARATION_OF`).
+`--part val --fit-operating-point` fits it (bench/operating_point_fit.py: per preparation
+a calibrated score and the threshold for sensitivity >= 0.95, on the val LBC fields for
+liquid-based and the val CRIC and SIPaKMeD fields for conventional; the grading counts)
+and writes it into the repository; scoring `test` afterwards applies it unchanged.
 
 Writes `scorecard.json` (every figure with its counts, the models and their card hashes,
 the data, the held-out groups, per-field results, timings) and `roc.png` into `--out`
@@ -46,6 +47,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,7 @@ from train.loops.metrics import best_specificity_at_sensitivity, roc_auc, roc_cu
 from train.synth.slide import level_dimensions_for
 from worker.pipeline.records import CellResult, RoiResult
 from worker.pipeline.scan import ScanModels, ScanOptions, ScanPipeline
+from worker.pipeline.slide_call import OPERATING_POINT_FILE
 from worker.settings import get_settings
 from worker.wsi.slide import open_slide
 
@@ -91,8 +94,17 @@ SCAN_ORDER = ("cric_fields", "cervix93", "isbi2014", "lbc_nuclei", "lbc", "sipak
 NUCLEUS_SETS = ("cric_fields", "isbi2014", "cervix93", "lbc_nuclei")
 FIELD_SETS = ("lbc", "cric_fields", "cervix93", "sipakmed_metaplastic")
 CELL_SETS = ("cric_cells", "herlev")
-FIT_SETS = ("lbc", "cric_fields")  # the val fields the slide threshold is fitted on, pooled
-FIT_MIN_SENSITIVITY = 0.95
+# Each set's preparation: it picks the slide call's score rule, and the rule of a
+# preparation is fitted on that preparation's val fields (sets with slide grades only).
+PREPARATION_OF = {
+    "lbc": "liquid-based",
+    "lbc_nuclei": "liquid-based",
+    "cervix93": "liquid-based",
+    "cric_fields": "conventional",
+    "sipakmed_metaplastic": "conventional",
+    "isbi2014": "conventional",
+}
+FIT_SETS = {"liquid-based": ("lbc",), "conventional": ("cric_fields", "sipakmed_metaplastic")}
 MATCH_MARGIN_UM = 2.0
 CELL_ROC_SENSITIVITY = 0.90
 SLIDE_TILE_PX = 256
@@ -103,8 +115,6 @@ NORMAL_GRADE = PAPSCAN_CLASSES[0]
 TARGETS: dict[tuple[str, str], sm.Target] = {
     ("lbc", "sensitivity"): sm.Target(0.98),
     ("lbc", "specificity"): sm.Target(0.95),
-    ("lbc", "threshold_sensitivity"): sm.Target(0.98),
-    ("lbc", "threshold_specificity"): sm.Target(0.95),
     ("lbc", "grade_accuracy"): sm.Target(0.93),
     ("cric_fields", "recall"): sm.Target(0.90),
     ("cric_cells", "sensitivity"): sm.Target(0.90),
@@ -158,32 +168,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="at most N fields per set (Herlev: N fields' cells), spread over classes",
     )
-    thr = p.add_mutually_exclusive_group()
-    thr.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="slide suspicion-score threshold, chosen on val",
-    )
-    thr.add_argument(
-        "--val-json",
-        type=Path,
-        default=None,
-        help="take the threshold from a `--part val --fit-threshold` scorecard.json",
-    )
-    thr.add_argument(
-        "--fit-threshold",
+    p.add_argument(
+        "--fit-operating-point",
         action="store_true",
-        help=f"with --part val: fit the threshold (sens >= {FIT_MIN_SENSITIVITY} "
-        "on val LBC + CRIC fields pooled) and record it",
+        help="with --part val: fit the slide call on the val fields and write it into the"
+        " repository as slide_call.yaml",
     )
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be at least 1")
-    if args.fit_threshold and args.part != "val":
-        p.error("--fit-threshold chooses the threshold on the val part: add --part val")
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        p.error("--threshold must be in [0, 1]")
+    if args.fit_operating_point and args.part != "val":
+        p.error("--fit-operating-point fits on the val part: add --part val")
     return args
 
 
@@ -231,7 +226,7 @@ class FieldScanner:
         self.stage_ms: dict[str, float] = {}
         self._n = 0
 
-    def scan(self, image: np.ndarray, mpp: float) -> dict[str, Any]:
+    def scan(self, image: np.ndarray, mpp: float, preparation: str) -> dict[str, Any]:
         self._n += 1
         path = write_field_slide(self.workdir / f"field-{self._n}.tiff", image, mpp)
         cells: list[CellResult] = []
@@ -241,7 +236,9 @@ class FieldScanner:
 
         try:
             with open_slide(path) as slide:
-                outcome = self.pipeline.run(slide, sink)
+                outcome = self.pipeline.run(
+                    slide, sink, preparation=preparation, check_adequacy=False
+                )
         finally:
             path.unlink(missing_ok=True)
         for stage, ms in outcome.timings_ms.items():
@@ -273,7 +270,7 @@ def to_crop_px(crops: np.ndarray, out_px: int) -> np.ndarray:
     ).reshape(-1, out_px, out_px, 3)
 
 
-def field_record(field: RealField, scan: dict[str, Any], normal: str, seconds: float) -> dict:
+def field_record(field: RealField, scan: dict[str, Any], seconds: float) -> dict:
     """One field's results: the slide call, and its nuclei matched to the detections."""
     summary = scan["summary"]
     boxes = scan["boxes"]
@@ -285,8 +282,9 @@ def field_record(field: RealField, scan: dict[str, Any], normal: str, seconds: f
         "grade": field.grade,
         "category": summary.category,
         "called_grade": grade_of(summary.category),
-        "called_abnormal": summary.category != normal,
+        "called_abnormal": summary.call.abnormal,
         "score": summary.score,
+        "evidence": asdict(summary.evidence),
         "cells": summary.cell_count,
         "rois": scan["rois"],
         "seconds": round(seconds, 3),
@@ -411,7 +409,7 @@ def cell_figures(
     }
 
 
-def field_figures(records: list[dict], threshold: float | None) -> dict[str, Any]:
+def field_figures(records: list[dict]) -> dict[str, Any]:
     truth = np.array([r["grade"] != NORMAL_GRADE for r in records], bool)
     called = np.array([r["called_abnormal"] for r in records], bool)
     scores = np.array([r["score"] for r in records], np.float64)
@@ -433,63 +431,38 @@ def field_figures(records: list[dict], threshold: float | None) -> dict[str, Any
         "n_zero_cells": sum(r["cells"] == 0 for r in records),
         "n_cells": sum(r["cells"] for r in records),
     }
-    if threshold is not None:
-        at = sm.rates_at_threshold(truth, scores, threshold)
-        out["threshold_sensitivity"] = at.sensitivity
-        out["threshold_specificity"] = at.specificity
     return out
 
 
-def read_val_json(path: Path) -> dict[str, Any]:
-    """A `--part val --fit-threshold` scorecard.json (checked before anything is scanned)."""
-    try:
-        val = json.loads(path.read_text())
-        value = val["threshold"]["value"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise SystemExit(f"{path} holds no fitted threshold ({exc}).") from None
-    if value is None or val.get("part") != "val":
-        raise SystemExit(
-            f"{path} is not a val run with a fitted threshold; "
-            "make one with --part val --fit-threshold."
-        )
-    return val
+def operating_point_section(
+    args: argparse.Namespace, records: list[dict], models: ScanModels, repo_path: Path
+) -> dict[str, Any]:
+    """The slide call used: fitted here on val (and written into the repository), or the
+    repository's own."""
+    op = models.operating_point
+    section: dict[str, Any] = {"source": "the repository's slide_call.yaml"}
+    if args.fit_operating_point:
+        from operating_point_fit import fit_operating_point
 
-
-def choose_threshold(args: argparse.Namespace, records: list[dict], models: dict) -> dict:
-    """The slide threshold section: fitted here (val), given, read from a val run, or none."""
-    if args.fit_threshold:
-        pool = [r for r in records if r["set"] in FIT_SETS]
-        truth = np.array([r["grade"] != NORMAL_GRADE for r in pool], bool)
-        scores = np.array([r["score"] for r in pool], np.float64)
-        value = sm.fit_threshold(truth, scores, FIT_MIN_SENSITIVITY)
-        fit = {
-            "sets": list(FIT_SETS),
-            "min_sensitivity": FIT_MIN_SENSITIVITY,
-            "n_fields": len(pool),
-            "n_abnormal": int(truth.sum()),
+        pools = {prep: [r for r in records if r["set"] in sets] for prep, sets in FIT_SETS.items()}
+        fitted_on = {
+            "part": args.part,
+            "limit": args.limit,
+            "models_sha256": models.weights_sha256(),
         }
-        if value is not None:
-            rates = sm.rates_at_threshold(truth, scores, value)
-            fit.update(sensitivity=rates.sensitivity, specificity=rates.specificity)
-        return {"value": value, "source": f"fitted on {args.part}", "fit": fit}
-    if args.threshold is not None:
-        return {"value": args.threshold, "source": "--threshold"}
-    if args.val_json is not None:
-        val = read_val_json(args.val_json)
-        same = {k: v.get("card_sha256") for k, v in val.get("models", {}).items()} == {
-            k: v.get("card_sha256") for k, v in models.items()
-        }
-        if not same:
-            console.print(f"[yellow]warning: {args.val_json} was fitted on other models")
-        return {
-            "value": float(val["threshold"]["value"]),
-            "source": f"--val-json {args.val_json}",
-            "fit": val["threshold"].get("fit"),
-            "same_models": same,
-        }
+        cls = models.cell_classifier.config
+        severity = tuple(cls.severity or cls.labels)
+        op, fit = fit_operating_point(pools, op, severity, fitted_on)
+        (repo_path / OPERATING_POINT_FILE).write_text(op.to_yaml())
+        section = {"source": f"fitted on {args.part}, written to {repo_path}", "fit": fit}
+    elif op.fitted_on and op.fitted_on.get("models_sha256") != models.weights_sha256():
+        console.print("[yellow]warning: the operating point was fitted on other models")
     return {
-        "value": None,
-        "source": "none: pass --threshold T or --val-json <a --part val --fit-threshold run>",
+        **section,
+        "version": op.version,
+        "abnormal_threshold": {p: r.abnormal_threshold for p, r in op.rules.items()},
+        "fitted_on": op.fitted_on,
+        "min_cells": op.min_cells,
     }
 
 
@@ -593,7 +566,6 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             text,
             n,
         )
-    thr = report["threshold"]["value"]
     for name, f in report["fields"].items():
         n = f"{f['n_fields']} fields ({f['n_abnormal']} abn)"
         if f["n_abnormal"]:
@@ -611,40 +583,10 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                     pc["accuracy"],
                     f"{pc['n_fields']} fields",
                 )
-        if thr is not None:
-            if f["n_abnormal"]:
-                add(
-                    name,
-                    f"fields sens. at score >= {thr:.4f}",
-                    "threshold_sensitivity",
-                    f["threshold_sensitivity"],
-                    n,
-                )
-            add(
-                name,
-                f"fields spec. at score >= {thr:.4f}",
-                "threshold_specificity",
-                f["threshold_specificity"],
-                n,
-            )
         add(name, "fields with 0 cells", "n_zero_cells", f["n_zero_cells"], n)
-    fit = report["threshold"].get("fit") or {}
-    if thr is None:
-        rows.append(
-            {
-                "set": "slides",
-                "measure": "threshold: none given (--threshold, --val-json)",
-                "key": "threshold",
-                "value": None,
-                "n": "",
-                "target": None,
-                "pass": None,
-            }
-        )
-    else:
-        n = f"{fit.get('n_fields')} val fields (LBC+CRIC)" if fit else ""
-        source = report["threshold"]["source"].split(" ")[0]  # the path is in the JSON
-        add("slides", f"score threshold ({source})", "threshold", thr, n)
+    op = report["operating_point"]
+    for prep, value in op["abnormal_threshold"].items():
+        add("slides", f"{prep} abnormal threshold ({op['version']})", "threshold", value, "")
     return rows
 
 
@@ -728,8 +670,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not root.is_dir():
         raise SystemExit(f"The data folder {root} does not exist; pass --data ROOT.")
     repository = ModelRepository(repo_path)
-    if args.val_json is not None:
-        read_val_json(args.val_json)  # a bad file fails now, not after the scans
     out_dir = args.out or PROJECT_ROOT / "runs" / "scorecard" / f"{repo_path.name}-{args.part}"
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -759,12 +699,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     t_field = time.perf_counter()
                     image = field.load()
                     try:
-                        scan = scanner.scan(image, field.mpp)
+                        scan = scanner.scan(image, field.mpp, PREPARATION_OF[set_name])
                     except PapscanError as exc:
                         raise SystemExit(f"Scanning {set_name}/{field.name} failed: {exc}") from exc
-                    records.append(
-                        field_record(field, scan, labels[0], time.perf_counter() - t_field)
-                    )
+                    records.append(field_record(field, scan, time.perf_counter() - t_field))
                     if set_name == "cric_fields" and len(field.points):
                         crops, _ = field_cell_crops(
                             field, pipe.target_mpp, pipe.crop_field_px, image
@@ -794,11 +732,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             timings["cells_s"] = time.perf_counter() - t
             stage_ms = {k: round(v, 1) for k, v in scanner.stage_ms.items()}
         info = model_info(models)
+        operating_point = operating_point_section(args, records, models, repo_path)
     finally:
         models.close()
     splits["herlev"] = herlev_split
 
-    threshold = choose_threshold(args, records, info)
     by_set = {name: [r for r in records if r["set"] == name] for name in SCAN_ORDER}
     report: dict[str, Any] = {
         "repository": str(repo_path),
@@ -817,24 +755,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "input_px": pipe.crop_px,
             "labels": list(labels),
         },
-        "threshold": threshold,
+        "operating_point": operating_point,
         "nuclei": {name: nucleus_figures(by_set[name]) for name in NUCLEUS_SETS},
         "cells": {
             "cric_cells": cell_figures(cric_grades, cric_probs, labels, len(cric_crops)),
             "herlev": cell_figures(herlev_grades, herlev_probs, labels, herlev_fields),
         },
-        "fields": {name: field_figures(by_set[name], threshold["value"]) for name in FIELD_SETS},
+        "fields": {name: field_figures(by_set[name]) for name in FIELD_SETS},
         "splits": splits,
         "per_field": records,
     }
-    if threshold["value"] is not None:
-        pool = [r for name in FIT_SETS for r in by_set[name]]
-        at = sm.rates_at_threshold(
-            np.array([r["grade"] != NORMAL_GRADE for r in pool], bool),
-            np.array([r["score"] for r in pool], np.float64),
-            threshold["value"],
-        )
-        threshold["pooled_lbc_cric"] = at.as_dict()
     report["table"] = table_rows(report)
     title = f"papscan scorecard: {repo_path.name}, {args.part} part" + (
         f" (--limit {args.limit})" if args.limit else ""

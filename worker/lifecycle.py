@@ -212,8 +212,9 @@ def _stream(
             progress(done, planned)
 
     pipeline = ScanPipeline(runtime.models, runtime.options)
+    preparation = claim.preparation
     if slide is not None:
-        outcome = pipeline.run(slide, write, on_progress)
+        outcome = pipeline.run(slide, write, on_progress, preparation)
     else:
         with open_slide(claim.slide_path, mpp=claim.mpp) as opened:
             if opened.info.fingerprint != claim.fingerprint:
@@ -221,7 +222,7 @@ def _stream(
                     f"{claim.slide_path} is no longer the slide submitted as scan {scan_id}"
                     " (its fingerprint changed); submit the new file."
                 )
-            outcome = pipeline.run(opened, write, on_progress)
+            outcome = pipeline.run(opened, write, on_progress, preparation)
     with db.transaction() as s:
         scan = jobs.hold_scan(s, scan_id, attempt)
         scan.model_versions = runtime.models.versions()  # what actually ran
@@ -320,6 +321,7 @@ def scan_file(
     repository,
     *,
     mpp: float | None = None,
+    preparation: str | None = None,
     options: ScanOptions | None = None,
     progress: Progress | None = None,
 ) -> ScanReport:
@@ -333,6 +335,8 @@ def scan_file(
         db: the results database (its schema is brought up to date here).
         repository: the `ModelRepository` to load the three engines from.
         mpp: microns per pixel to assume when the file does not record it.
+        preparation: liquid-based or conventional (adequacy's minimum); None: not given,
+            liquid-based assumed with a note.
         options: pipeline knobs.
         progress: called with `(rois_done, rois_planned)` as the scan goes.
 
@@ -346,7 +350,7 @@ def scan_file(
             db.create_schema()
             info = slide.info
             with db.transaction() as s:
-                row = queries.record_slide(s, info)
+                row = queries.record_slide(s, info, preparation=preparation)
                 scan = queries.create_scan(
                     s, row.id, models.versions(), model_sha256=models.weights_sha256()
                 )

@@ -6,12 +6,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from engines.repository import default_repository_path
 from train.loops.metrics import best_specificity_at_sensitivity, roc_auc
+from worker.pipeline.slide_call import OPERATING_POINT_FILE, OperatingPoint
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -122,9 +125,9 @@ def test_limit_interleaves_classes_least_severe_first() -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-def test_fit_threshold_needs_the_val_part() -> None:
+def test_fitting_the_operating_point_needs_the_val_part() -> None:
     with pytest.raises(SystemExit):
-        scorecard.parse_args(["--fit-threshold"])
+        scorecard.parse_args(["--fit-operating-point"])
 
 
 def _figures_in_unit_range(section: dict, where: str) -> int:
@@ -144,21 +147,28 @@ def _figures_in_unit_range(section: dict, where: str) -> int:
 @pytest.mark.slow
 def test_scorecard_runs_end_to_end_on_the_real_data(shared_data: Path, tmp_path: Path) -> None:
     val_out, test_out = tmp_path / "val", tmp_path / "test"
-    common = ["--data", str(shared_data), "--limit", "2"]
-    assert scorecard.main([*common, "--part", "val", "--fit-threshold", "--out", str(val_out)]) == 0
+    repo = tmp_path / "repo"  # the fit writes slide_call.yaml into the repository it scored
+    shutil.copytree(default_repository_path(), repo)
+    (repo / OPERATING_POINT_FILE).unlink(missing_ok=True)
+    common = ["--data", str(shared_data), "--limit", "2", "--models", str(repo)]
+    assert (
+        scorecard.main([*common, "--part", "val", "--fit-operating-point", "--out", str(val_out)])
+        == 0
+    )
     val = json.loads((val_out / "scorecard.json").read_text())
-    assert val["part"] == "val" and 0.0 <= val["threshold"]["value"] <= 1.0
-    assert val["threshold"]["fit"]["n_abnormal"] >= 1
+    op = val["operating_point"]
+    assert val["part"] == "val" and 0.0 <= op["abnormal_threshold"] <= 1.0
+    assert op["fit"]["abnormal"] >= 1 and op["fitted_on"]["part"] == "val"
+    fitted = OperatingPoint.load(repo / OPERATING_POINT_FILE)
+    assert fitted.version == op["version"] and fitted.abnormal_threshold == op["abnormal_threshold"]
 
-    val_json = val_out / "scorecard.json"
-    assert scorecard.main([*common, "--val-json", str(val_json), "--out", str(test_out)]) == 0
+    assert scorecard.main([*common, "--out", str(test_out)]) == 0
     report = json.loads((test_out / "scorecard.json").read_text())
     png = test_out / "roc.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert report["part"] == "test" and report["limit"] == 2
-    assert report["threshold"]["value"] == val["threshold"]["value"]
-    assert report["threshold"]["same_models"] is True
+    assert report["operating_point"]["version"] == op["version"]  # applied unchanged
     assert set(report["models"]) == {"cell_detector", "cell_classifier", "roi_classifier"}
     for model in report["models"].values():
         assert model["version"] >= 1 and len(model["card_sha256"]) == 64
@@ -180,7 +190,6 @@ def test_scorecard_runs_end_to_end_on_the_real_data(shared_data: Path, tmp_path:
     assert set(report["fields"]) == {"lbc", "cric_fields", "cervix93", "sipakmed_metaplastic"}
     for name, f in report["fields"].items():
         assert f["n_fields"] == 2 and f["specificity"] is not None, name
-        assert "threshold_specificity" in f
         _figures_in_unit_range(f, f"fields.{name}")
     assert report["fields"]["lbc"]["n_abnormal"] == 1  # --limit spreads over classes
     assert report["fields"]["sipakmed_metaplastic"]["n_abnormal"] == 0

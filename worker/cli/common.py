@@ -7,12 +7,29 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from engines.errors import PapscanError
+
+
+class Preparation(StrEnum):
+    """How the slide was prepared: sets adequacy's minimum (TBS 2014)."""
+
+    liquid_based = "liquid-based"
+    conventional = "conventional"
+
+
+PreparationOption = Annotated[
+    Preparation | None,
+    typer.Option(
+        help="The slides' preparation, for adequacy: liquid-based needs 5,000 squamous cells,"
+        " conventional 8,000 (not given: liquid-based, with a note)."
+    ),
+]
 
 DbOption = Annotated[
     str | None,

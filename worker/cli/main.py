@@ -16,7 +16,14 @@ from typing import Annotated
 
 import typer
 
-from worker.cli.common import DbOption, ModelsOption, fail, fails_in_one_sentence, repository
+from worker.cli.common import (
+    DbOption,
+    ModelsOption,
+    PreparationOption,
+    fail,
+    fails_in_one_sentence,
+    repository,
+)
 
 app = typer.Typer(
     name="papscan",
@@ -70,6 +77,7 @@ def scan(
     mpp: Annotated[
         float | None, typer.Option(help="Microns per pixel, for files that do not record it.")
     ] = None,
+    preparation: PreparationOption = None,
     reader: Annotated[Reader, typer.Option(help="How ROIs are read.")] = Reader.auto,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -88,6 +96,7 @@ def scan(
             _database(db),
             repository(models),
             mpp=mpp,
+            preparation=preparation.value if preparation else None,
             options=ScanOptions.from_settings(get_settings(), reader=reader.value),
             progress=on_progress,
         )

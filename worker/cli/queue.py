@@ -2,6 +2,7 @@
 
     papscan worker [--gpu N] [--queues stat,routine] [--concurrency 1] [--name NODE]
     papscan submit PATH... | --manifest CSV [--priority stat|routine] [--force] [--mpp 0.25]
+        [--preparation liquid-based|conventional]
     papscan status [--watch] [--json]
     papscan cancel SCAN
     papscan retry SCAN... | --failed
@@ -26,7 +27,14 @@ from typing import Annotated, Any
 
 import typer
 
-from worker.cli.common import DbOption, ModelsOption, fail, fails_in_one_sentence, repository
+from worker.cli.common import (
+    DbOption,
+    ModelsOption,
+    PreparationOption,
+    fail,
+    fails_in_one_sentence,
+    repository,
+)
 
 queue_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
@@ -211,7 +219,10 @@ def submit(
     paths: Annotated[list[Path] | None, typer.Argument(help="Slide files to scan.")] = None,
     manifest: Annotated[
         Path | None,
-        typer.Option(help="CSV with a 'path' column, and optionally 'barcode' and 'mpp' columns."),
+        typer.Option(
+            help="CSV with a 'path' column, and optionally 'barcode', 'mpp' and"
+            " 'preparation' columns."
+        ),
     ] = None,
     priority: Annotated[Priority, typer.Option(help="Queue: stat goes first.")] = (
         Priority.routine
@@ -227,6 +238,7 @@ def submit(
             "manifest rows with no mpp of their own."
         ),
     ] = None,
+    preparation: PreparationOption = None,
     db: DbOption = None,
     models: ModelsOption = None,
     as_json: JsonOption = False,
@@ -247,9 +259,10 @@ def submit(
         fail("give slide paths or --manifest CSV")
     if mpp is not None:
         check_mpp(mpp, "--mpp")
-    requests = [SlideRequest(p, mpp=mpp) for p in paths or []]
+    prep = preparation.value if preparation else None
+    requests = [SlideRequest(p, mpp=mpp, preparation=prep) for p in paths or []]
     if manifest is not None:
-        requests += read_manifest(manifest, mpp=mpp)
+        requests += read_manifest(manifest, mpp=mpp, preparation=prep)
     checked = check_slides(requests)
     settings = _settings(db, models)
     repo = repository(settings.models_dir)
@@ -383,6 +396,7 @@ def watch(
             help="Microns per pixel of every slide it submits, for files that do not record it."
         ),
     ] = None,
+    preparation: PreparationOption = None,
     db: DbOption = None,
     models: ModelsOption = None,
 ) -> None:
@@ -432,7 +446,14 @@ def watch(
             text = f"waiting: {event.message}"
         out.print(text, markup=False, highlight=False, soft_wrap=True)
 
-    watcher = FolderWatcher(folder, settle, submit_checked, show, mpp=mpp)
+    watcher = FolderWatcher(
+        folder,
+        settle,
+        submit_checked,
+        show,
+        mpp=mpp,
+        preparation=preparation.value if preparation else None,
+    )
     out.print(
         f"watching {folder} (a file is queued {settle:g} s after it stops growing)",
         markup=False,

@@ -82,6 +82,7 @@ class Claim:
         fingerprint: the slide's recorded fingerprint (the file must still match it).
         mpp: the slide's recorded microns per pixel (given at submit for a file without).
         model_versions: engine name -> version recorded at submit.
+        preparation: the slide's preparation as submitted, None if not given.
     """
 
     scan_id: int
@@ -90,6 +91,7 @@ class Claim:
     fingerprint: str
     mpp: float
     model_versions: dict[str, Any]
+    preparation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ def claim_scan(
         fingerprint=slide.fingerprint,
         mpp=slide.mpp_x,
         model_versions=dict(scan.model_versions or {}),
+        preparation=slide.preparation,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -84,6 +85,9 @@ class Slide(Base):
     mpp_x: Mapped[float] = mapped_column(Float, doc="microns per level-0 pixel, x")
     mpp_y: Mapped[float] = mapped_column(Float, doc="microns per level-0 pixel, y")
     barcode: Mapped[str | None] = mapped_column(String(128))
+    preparation: Mapped[str | None] = mapped_column(
+        String(32), doc="liquid-based | conventional; NULL: not given (liquid-based assumed)"
+    )
     created_at: Mapped[datetime] = mapped_column(default=utc_now, server_default=func.now())
 
 
@@ -190,7 +194,12 @@ class Cell(Base):
 
 
 class SlideResult(Base):
-    """The slide-level result of a finished scan; `score` sorts the worklist."""
+    """The slide-level result of a finished scan; `score` sorts the worklist.
+
+    `category` is the Bethesda category or "Unsatisfactory for evaluation"; `score` the
+    calibrated probability that the slide is abnormal; `operating_point` names the rules
+    that made the call (`worker/pipeline/slide_call.py`), `evidence` what they saw.
+    """
 
     __tablename__ = "slide_results"
     __table_args__ = (Index(None, "score"),)
@@ -203,3 +212,12 @@ class SlideResult(Base):
     cell_count: Mapped[int] = mapped_column(Integer)
     roi_count: Mapped[int] = mapped_column(Integer)
     class_counts: Mapped[dict[str, Any]]
+    abnormal: Mapped[bool | None] = mapped_column(Boolean)
+    adequacy: Mapped[str | None] = mapped_column(String(16), doc="satisfactory | unsatisfactory")
+    squamous_estimate: Mapped[int | None] = mapped_column(Integer)
+    adequacy_minimum: Mapped[int | None] = mapped_column(Integer)
+    preparation: Mapped[str | None] = mapped_column(String(32))
+    operating_point: Mapped[str | None] = mapped_column(String(64))
+    notes: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    qc: Mapped[dict[str, Any] | None]
+    evidence: Mapped[dict[str, Any] | None]

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -143,14 +144,17 @@ def upsert_slide(
     return slide
 
 
-def record_slide(s: Session, info: SlideInfo, *, barcode: str | None = None) -> Slide:
+def record_slide(
+    s: Session, info: SlideInfo, *, barcode: str | None = None, preparation: str | None = None
+) -> Slide:
     """`upsert_slide` for an opened slide: its fingerprint, path, vendor, size and mpp.
 
     Args:
         info: `Slide.info` of the opened file.
         barcode: the slide label's barcode, if read.
+        preparation: liquid-based or conventional, if given (kept when None).
     """
-    return upsert_slide(
+    slide = upsert_slide(
         s,
         fingerprint=info.fingerprint,
         path=info.path,
@@ -161,6 +165,9 @@ def record_slide(s: Session, info: SlideInfo, *, barcode: str | None = None) -> 
         mpp_y=info.mpp_y,
         barcode=barcode,
     )
+    if preparation is not None:
+        slide.preparation = preparation
+    return slide
 
 
 def create_scan(
@@ -427,6 +434,7 @@ def finish_scan(
         delete(SlideResult).where(SlideResult.scan_id == scan_id),
         execution_options={"synchronize_session": False},
     )
+    call, adequacy = summary.call, summary.call.adequacy if summary.call else None
     s.add(
         SlideResult(
             scan_id=scan_id,
@@ -435,6 +443,17 @@ def finish_scan(
             cell_count=summary.cell_count,
             roi_count=summary.roi_count,
             class_counts=dict(summary.class_counts),
+            abnormal=call.abnormal if call else None,
+            adequacy=None
+            if adequacy is None
+            else ("satisfactory" if adequacy.satisfactory else "unsatisfactory"),
+            squamous_estimate=adequacy.squamous_estimate if adequacy else None,
+            adequacy_minimum=adequacy.minimum if adequacy else None,
+            preparation=adequacy.preparation if adequacy else None,
+            operating_point=call.operating_point if call else None,
+            notes=list(call.notes) if call and call.notes else None,
+            qc=dict(summary.qc) if summary.qc else None,
+            evidence=asdict(summary.evidence) if summary.evidence else None,
         )
     )
     scan.status = "done"

@@ -6,6 +6,10 @@ Boxes are level-0 slide pixels, `(x, y)` top-left and `(w, h)` size, integers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.pipeline.slide_call import SlideCall, SlideEvidence
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +69,17 @@ class SlideSummary:
     """Slide-level result of one scan.
 
     Attributes:
-        category: Bethesda-style slide category (e.g. NILM, LSIL, HSIL).
-        score: suspicion score 0..1 (higher = more likely abnormal); sorts the worklist.
+        category: the Bethesda category (NILM, ASC-US, LSIL, ASC-H, HSIL, as far as the
+            models' classes reach) or "Unsatisfactory for evaluation".
+        score: calibrated probability that the slide is abnormal; sorts the worklist.
         cell_count: cells found on the slide.
         class_counts: class name -> number of cells.
         roi_count: ROIs scanned.
         top_cells: the review cells, most suspicious first.
+        call: the slide call in full (adequacy, notes, operating point).
+        evidence: what the call was made from.
+        qc: slide QC (focus, colour, cellular area) with its flags; it never changes
+            the category.
     """
 
     category: str
@@ -79,3 +88,6 @@ class SlideSummary:
     class_counts: dict[str, int]
     roi_count: int
     top_cells: list[CellResult] = field(default_factory=list)
+    call: SlideCall | None = None
+    evidence: SlideEvidence | None = None
+    qc: dict | None = None

@@ -40,6 +40,7 @@ from worker.pipeline.aggregate import SlideAggregator
 from worker.pipeline.detect import CrossRoiDedup
 from worker.pipeline.plan import cellular_mask, plan_rois
 from worker.pipeline.records import CellResult, RoiResult, SlideSummary
+from worker.pipeline.slide_call import OperatingPoint
 from worker.wsi.read import make_reader, read_ahead
 from worker.wsi.slide import Slide
 
@@ -63,6 +64,7 @@ class ScanModels:
     detector: Model
     cell_classifier: Model
     roi_classifier: Model
+    operating_point: OperatingPoint = field(default_factory=OperatingPoint)
     cell_batcher: DynamicBatcher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -84,11 +86,12 @@ class ScanModels:
                 loaded.append(repository.load(name))
             # The files are read afresh per load: check what was actually loaded too.
             check_scan_models(*(m.config for m in loaded), repository.path)
+            operating_point = OperatingPoint.for_repository(repository.path)
         except BaseException:
             for model in loaded:
                 model.close()
             raise
-        return cls(*loaded)
+        return cls(*loaded, operating_point=operating_point)
 
     def versions(self) -> dict[str, int]:
         """Model name -> version used, for the scan row."""
@@ -239,8 +242,19 @@ class ScanPipeline:
             )
         return field_px
 
-    def run(self, slide: Slide, sink: ChunkSink, progress: Progress | None = None) -> ScanOutcome:
+    def run(
+        self,
+        slide: Slide,
+        sink: ChunkSink,
+        progress: Progress | None = None,
+        preparation: str | None = None,
+        check_adequacy: bool = True,
+    ) -> ScanOutcome:
         """Scan a slide; `sink` receives each chunk of ROIs and cells, in ROI order.
+
+        `preparation` (one of `slide_call.SLIDE_PREPARATIONS`; None: not given, read as
+        liquid-based with a note) picks the slide call's score rule and adequacy minimum;
+        `check_adequacy=False` scores a field, not a slide.
 
         Raises:
             SlideReadError: a region could not be read or decoded.
@@ -263,7 +277,13 @@ class ScanPipeline:
             plan.level,
             reader.name,
         )
-        aggregator = SlideAggregator(self.severity, top_k=self.options.top_k)
+        aggregator = SlideAggregator(
+            self.severity,
+            top_k=self.options.top_k,
+            operating_point=self.models.operating_point,
+            preparation=preparation,
+            check_adequacy=check_adequacy,
+        )
         dedup = CrossRoiDedup(plan)
         done = 0
         if progress:

@@ -26,6 +26,7 @@ from worker.db import jobs, queries
 from worker.db.session import Database
 from worker.errors import SlideOpenError
 from worker.pipeline.scan import MODEL_NAMES
+from worker.pipeline.slide_call import SLIDE_PREPARATIONS
 from worker.queue.app import QUEUES
 from worker.queue.broker import check_broker, send_scan
 from worker.queue.control import send_jobs
@@ -55,20 +56,23 @@ class ManifestError(SlideOpenError):
 
 @dataclass(frozen=True)
 class SlideRequest:
-    """A slide to submit: its file, its barcode (from a manifest) and the microns per pixel
-    to use instead of the file's own (`--mpp` or the manifest), if any."""
+    """A slide to submit: its file, its barcode (from a manifest), the microns per pixel
+    to use instead of the file's own (`--mpp` or the manifest), if any, and its
+    preparation (`--preparation` or the manifest; None: not given)."""
 
     path: Path
     barcode: str | None = None
     mpp: float | None = None
+    preparation: str | None = None
 
 
 @dataclass(frozen=True)
 class CheckedSlide:
-    """A slide file that opened and passed the checks, with its barcode."""
+    """A slide file that opened and passed the checks, with its barcode and preparation."""
 
     info: SlideInfo
     barcode: str | None
+    preparation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,17 +103,21 @@ class SubmitReport:
     skipped: list[SkippedSlide]
 
 
-def read_manifest(path: Path, mpp: float | None = None) -> list[SlideRequest]:
+def read_manifest(
+    path: Path, mpp: float | None = None, preparation: str | None = None
+) -> list[SlideRequest]:
     """Read a manifest CSV: a `path` column (relative paths are from the CSV's folder), and
-    optional `barcode` and `mpp` columns; other columns are ignored.
+    optional `barcode`, `mpp` and `preparation` columns; other columns are ignored.
 
     Args:
         path: the CSV file.
         mpp: microns per pixel for rows whose `mpp` is empty or absent (`--mpp`).
+        preparation: for rows whose `preparation` is empty or absent (`--preparation`).
 
     Raises:
         ManifestError: the file cannot be read, has no `path` column, names no slide, or
-            has an `mpp` that is not a number in `MPP_RANGE` (the sentence names the line).
+            has an `mpp` that is not a number in `MPP_RANGE` or a preparation papscan does
+            not know (the sentence names the line).
     """
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
@@ -127,8 +135,16 @@ def read_manifest(path: Path, mpp: float | None = None) -> list[SlideRequest]:
                     slide_path = path.parent / slide_path
                 barcode = (row.get(columns.get("barcode", ""), "") or "").strip() or None
                 row_mpp = _manifest_mpp(row.get(columns.get("mpp", ""), ""), path, reader)
+                row_prep = _manifest_preparation(
+                    row.get(columns.get("preparation", ""), ""), path, reader
+                )
                 requests.append(
-                    SlideRequest(slide_path, barcode, mpp if row_mpp is None else row_mpp)
+                    SlideRequest(
+                        slide_path,
+                        barcode,
+                        mpp if row_mpp is None else row_mpp,
+                        row_prep or preparation,
+                    )
                 )
     except OSError as exc:
         raise ManifestError(f"cannot read the manifest {path}: {exc.strerror or exc}.") from exc
@@ -157,6 +173,19 @@ def _manifest_mpp(raw: str | None, path: Path, reader: csv.DictReader) -> float 
         raise ManifestError(str(exc)) from None
 
 
+def _manifest_preparation(raw: str | None, path: Path, reader: csv.DictReader) -> str | None:
+    """A manifest row's `preparation`, None where it is empty."""
+    raw = (raw or "").strip().lower().replace("_", "-")
+    if not raw:
+        return None
+    if raw not in SLIDE_PREPARATIONS:
+        raise ManifestError(
+            f"the preparation on line {reader.line_num} of the manifest {path}, {raw!r}, is"
+            f" not one of {', '.join(SLIDE_PREPARATIONS)}."
+        )
+    return raw
+
+
 def check_slides(requests: Sequence[SlideRequest]) -> list[CheckedSlide]:
     """Open every slide and check it can be scanned, before anything is recorded.
 
@@ -170,7 +199,7 @@ def check_slides(requests: Sequence[SlideRequest]) -> list[CheckedSlide]:
         try:
             with open_slide(request.path, mpp=request.mpp) as slide:
                 barcode = request.barcode or _barcode(slide.osr.properties)
-                checked.append(CheckedSlide(slide.info, barcode))
+                checked.append(CheckedSlide(slide.info, barcode, request.preparation))
         except SlideOpenError as exc:
             errors.append(exc)
     if errors:
@@ -249,7 +278,9 @@ def submit_slides(
                 skipped.append(SkippedSlide(path, f"same slide as {seen[info.fingerprint]}"))
                 continue
             seen[info.fingerprint] = path
-            row = queries.record_slide(s, info, barcode=slide.barcode)
+            row = queries.record_slide(
+                s, info, barcode=slide.barcode, preparation=slide.preparation
+            )
             existing = None if force else jobs.find_equivalent_scan(s, row.id, versions, hashes)
             if existing is not None:
                 skipped.append(

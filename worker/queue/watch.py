@@ -66,6 +66,7 @@ class FolderWatcher:
         on_event: called with each event, once.
         clock: monotonic seconds (a parameter for tests).
         mpp: microns per pixel to use instead of each file's own (`--mpp`), if any.
+        preparation: the preparation of every slide it submits (`--preparation`), if given.
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class FolderWatcher:
         on_event: Callable[[WatchEvent], None],
         clock: Callable[[], float] = time.monotonic,
         mpp: float | None = None,
+        preparation: str | None = None,
     ) -> None:
         if settle_s < 0:
             raise ValueError(f"settle_s must be >= 0, got {settle_s}")
@@ -85,6 +87,7 @@ class FolderWatcher:
         self._on_event = on_event
         self._clock = clock
         self._mpp = mpp
+        self._preparation = preparation
         self._seen: dict[Path, _Seen] = {}
         self._last_error: str | None = None
 
@@ -140,7 +143,9 @@ class FolderWatcher:
     def _handle(self, path: Path) -> list[WatchEvent]:
         seen = self._seen[path]
         try:
-            checked = check_slides([SlideRequest(path, mpp=self._mpp)])
+            checked = check_slides(
+                [SlideRequest(path, mpp=self._mpp, preparation=self._preparation)]
+            )
         except SlideOpenError as exc:
             seen.handled = True  # reported once; looked at again only if it changes
             return [WatchEvent(path, "not-a-slide", str(exc).replace("; nothing was queued", ""))]

@@ -367,3 +367,41 @@ def test_the_cli_guards_train_and_export_against_overwriting_scanned_weights(
     check_overwrite(tmp_path, "cell_detector", "f" * 64)  # other weights: fine
     with pytest.raises(jobs.VersionInUseError):
         check_overwrite(tmp_path, "cell_detector", "e" * 64)
+
+
+def test_status_shows_stale_scans_their_dead_workers_and_recent_calls(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from worker.db.models import SlideResult
+    from worker.queue.status import collect_status, render_status
+
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    db.create_schema()
+    _, stale = _queued_scan(db)
+    _, done = _queued_scan(db)
+    with db.transaction() as s:
+        jobs.claim_scan(s, stale, "gone@host", 1.0, now=utc_now() - timedelta(seconds=60))
+        scan = s.get(Scan, done)
+        scan.status, scan.finished_at = "done", utc_now()
+        s.add(
+            SlideResult(
+                scan_id=done,
+                category="Unsatisfactory for evaluation",
+                score=0.01,
+                cell_count=40,
+                roi_count=3,
+                class_counts={"NILM": 40},
+                adequacy="unsatisfactory",
+                notes=[
+                    "scant cellularity: about 40 cells, under the 5000 a liquid-based slide needs."
+                ],
+            )
+        )
+    status = collect_status(db, "redis://127.0.0.1:1/0")
+    assert status.dead_workers == ["gone@host"]
+    assert [r.stale for r in status.running if r.scan_id == stale] == [True]
+    assert status.results[0].category == "Unsatisfactory for evaluation"
+    console = Console(record=True, width=200)
+    console.print(render_status(status))
+    text = console.export_text()
+    assert "dead or stuck workers: gone@host" in text and "scant cellularity" in text

@@ -87,9 +87,21 @@ def print_report(report: ScanReport) -> None:
         labelled(out, "warning", "bold yellow", warning)
     style = "green" if s.category == "NILM" else "bold red"
     out.print(
-        f"category [{style}]{s.category}[/]   suspicion score {s.score:.3f}   "
+        f"category [{style}]{escape(s.category)}[/]   P(abnormal) {s.score:.3f}   "
         f"cells found {s.cell_count}"
     )
+    if s.call is not None:
+        a = s.call.adequacy
+        state = "satisfactory" if a.satisfactory else "[bold yellow]below the minimum[/]"
+        out.print(
+            f"adequacy {state}: about {a.squamous_estimate} squamous cells of the"
+            f" {a.minimum} a {a.preparation} slide needs   operating point"
+            f" {escape(s.call.operating_point)}"
+        )
+        for note in s.call.notes:
+            labelled(out, "note", "bold yellow", note)
+    for flag in (s.qc or {}).get("flags", []):
+        labelled(out, "QC", "bold magenta", flag)
     counts = Table(show_header=True, header_style="bold", box=None)
     for label in s.class_counts:
         counts.add_column(label, justify="right")

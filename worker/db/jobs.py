@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from engines.errors import PapscanError
 from worker.db import queries
-from worker.db.models import Scan, Slide, utc_now
+from worker.db.models import Scan, Slide, SlideResult, utc_now
 from worker.db.session import Database
 from worker.errors import ScanStateError, ScanSupersededError
 
@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PENDING_OR_DONE",
+    "RecentResult",
     "VersionInUseError",
     "Claim",
     "FailedScan",
@@ -57,6 +58,7 @@ __all__ = [
     "reap_expired_leases",
     "refuse_overwrite_of_scanned_weights",
     "recent_failures",
+    "recent_results",
     "release_leases",
     "renew_lease",
     "requeue_scan",
@@ -537,6 +539,45 @@ def recent_failures(
     )
     return [
         FailedScan(scan.id, path, scan.worker, scan.error, scan.finished_at) for scan, path in rows
+    ]
+
+
+@dataclass(frozen=True)
+class RecentResult:
+    """A finished scan's call, as `papscan status` shows it."""
+
+    scan_id: int
+    slide_path: str
+    category: str
+    score: float
+    adequacy: str | None
+    notes: list[str]
+    qc_flags: list[str]
+    finished_at: datetime | None
+
+
+def recent_results(s: Session, limit: int = 10) -> list[RecentResult]:
+    """The newest finished scans with their category, score, adequacy, notes and QC flags."""
+    rows = s.execute(
+        select(Scan, Slide.path, SlideResult)
+        .join(Slide, Scan.slide_id == Slide.id)
+        .join(SlideResult, SlideResult.scan_id == Scan.id)
+        .where(Scan.status == "done")
+        .order_by(Scan.finished_at.desc())
+        .limit(limit)
+    )
+    return [
+        RecentResult(
+            scan.id,
+            path,
+            result.category,
+            result.score,
+            result.adequacy,
+            list(result.notes or []),
+            list((result.qc or {}).get("flags", [])),
+            scan.finished_at,
+        )
+        for scan, path, result in rows
     ]
 
 

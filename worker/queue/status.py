@@ -31,6 +31,7 @@ class QueueStatus:
         dead_workers: workers whose every running scan is stale: dead or stuck.
         throughput: per worker, over `window`.
         failures: recent failed scans.
+        results: the newest finished scans' calls.
     """
 
     taken_at: datetime
@@ -41,6 +42,7 @@ class QueueStatus:
     throughput: list[jobs.WorkerThroughput]
     failures: list[jobs.FailedScan]
     window: timedelta
+    results: list[jobs.RecentResult]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (datetimes as ISO 8601 text)."""
@@ -79,6 +81,7 @@ def collect_status(
             throughput=jobs.worker_throughput(s, window, now),
             failures=jobs.recent_failures(s, limit=failures, now=now),
             window=window,
+            results=jobs.recent_results(s),
         )
 
 
@@ -149,6 +152,21 @@ def render_status(status: QueueStatus) -> Any:
             _clock(w.last_finished_at),
         )
     parts.append(workers if status.throughput else Text("no scan finished in the window"))
+    if status.results:
+        done = Table(title="recent results", header_style="bold", box=None, title_justify="left")
+        for column in ("scan", "slide", "category", "P(abnormal)", "adequacy", "notes and QC"):
+            done.add_column(column, overflow="fold")
+        for r in status.results:
+            done.add_row(
+                str(r.scan_id),
+                r.slide_path,
+                r.category,
+                f"{r.score:.3f}",
+                r.adequacy or "-",
+                " ".join(r.notes + r.qc_flags),
+                style=None if r.category == "NILM" else "bold",
+            )
+        parts.append(done)
     if status.failures:
         failed = Table(title="recent failures", header_style="bold", box=None, title_justify="left")
         for column in ("scan", "slide", "when", "error"):

@@ -1,0 +1,54 @@
+"""The slide call on scanned synthetic slides: what is not seen is never called negative."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engines.repository import ModelRepository, default_repository_path
+from train.synth import write_synthetic_slide
+from worker.db.models import SlideResult
+from worker.db.session import Database
+from worker.lifecycle import scan_file
+from worker.pipeline.slide_call import UNSATISFACTORY
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def repository() -> ModelRepository:
+    return ModelRepository(default_repository_path())
+
+
+def _scan(tmp_path: Path, repository: ModelRepository, **slide):
+    path = tmp_path / "slide.tiff"
+    write_synthetic_slide(path, width=2048, height=2048, mpp=0.5, seed=3, **slide)
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    report = scan_file(path, db, repository, preparation="liquid-based")
+    with db.session() as s:
+        row = s.get(SlideResult, report.scan_id)
+        s.expunge(row)
+    return report, row
+
+
+def test_a_blank_slide_is_unsatisfactory_not_nilm(tmp_path: Path, repository) -> None:
+    report, row = _scan(tmp_path, repository, cells=0)
+    assert report.summary.category == UNSATISFACTORY == row.category
+    assert row.adequacy == "unsatisfactory" and row.squamous_estimate == 0
+    assert row.notes and ("no cellular area" in row.notes[0] or "no cells" in row.notes[0])
+
+
+def test_a_scant_slide_of_normal_cells_is_unsatisfactory(tmp_path: Path, repository) -> None:
+    report, row = _scan(tmp_path, repository, cells=40, class_mix={"NILM": 1.0})
+    assert report.summary.category == UNSATISFACTORY, report.summary.call
+    assert 20 <= row.squamous_estimate < 5000 and row.adequacy_minimum == 5000
+    assert "scant cellularity" in row.notes[0]
+    assert row.operating_point == report.summary.call.operating_point != "unfitted"
+    assert row.evidence["cell_count"] == row.squamous_estimate
+
+
+def test_a_scant_slide_with_abnormal_cells_reports_them(tmp_path: Path, repository) -> None:
+    report, row = _scan(tmp_path, repository, cells=40, class_mix={"HSIL": 1.0})
+    assert row.category in ("HSIL", "ASC-H") and row.abnormal
+    assert row.adequacy == "unsatisfactory" and "scant cellularity" in row.notes[0]

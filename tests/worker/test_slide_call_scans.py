@@ -52,3 +52,36 @@ def test_a_scant_slide_with_abnormal_cells_reports_them(tmp_path: Path, reposito
     report, row = _scan(tmp_path, repository, cells=40, class_mix={"HSIL": 1.0})
     assert row.category in ("HSIL", "ASC-H") and row.abnormal
     assert row.adequacy == "unsatisfactory" and "scant cellularity" in row.notes[0]
+
+
+def test_qc_flags_travel_with_the_result_of_a_colour_swapped_slide(
+    tmp_path: Path, repository
+) -> None:
+    import numpy as np
+    import tifffile
+
+    from worker.wsi.slide import open_slide
+
+    source = tmp_path / "source.tiff"
+    write_synthetic_slide(source, width=2048, height=2048, mpp=0.5, seed=4, cells=300)
+    with open_slide(source) as slide:
+        rgb = np.asarray(slide.osr.read_region((0, 0), 0, (2048, 2048)).convert("RGB"))
+    swapped = tmp_path / "swapped.tiff"
+    res = 1e4 / 0.5  # pixels per cm at 0.5 µm/px
+    with tifffile.TiffWriter(swapped) as tw:
+        tw.write(
+            np.ascontiguousarray(rgb[..., ::-1]),
+            tile=(256, 256),
+            compression="jpeg",
+            photometric="rgb",
+            resolution=(res, res),
+            resolutionunit="CENTIMETER",
+            metadata=None,
+        )
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    report = scan_file(swapped, db, repository, preparation="liquid-based")
+    qc = report.summary.qc
+    assert qc["colour_flag"] and any("colour" in f.lower() for f in qc["flags"])
+    with db.session() as s:
+        row = s.get(SlideResult, report.scan_id)
+        assert row.qc["flags"] == qc["flags"] and row.category == report.summary.category

@@ -27,6 +27,7 @@ STAGE_ORDER = (
     "read",
     "detect",
     "crop",
+    "qc",
     "classify_cells",
     "classify_rois",
     "write",

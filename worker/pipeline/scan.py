@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,6 +39,7 @@ from engines.repository import ModelRepository, weights_sha256
 from worker.pipeline.aggregate import SlideAggregator
 from worker.pipeline.detect import CrossRoiDedup
 from worker.pipeline.plan import cellular_mask, plan_rois
+from worker.pipeline.qc import SlideQc, cellular_area_mm2
 from worker.pipeline.records import CellResult, RoiResult, SlideSummary
 from worker.pipeline.slide_call import OperatingPoint
 from worker.wsi.read import make_reader, read_ahead
@@ -122,6 +123,7 @@ class ScanOptions:
         read_ahead: ROIs read ahead of the detector.
         chunk_rois: ROIs per result chunk (one database transaction each).
         top_k: cells marked for review.
+        qc: measure slide QC (focus, colour, cellular area) as the ROIs pass.
     """
 
     overlap_px: int = 128
@@ -129,6 +131,7 @@ class ScanOptions:
     read_ahead: int = 4
     chunk_rois: int = 32
     top_k: int = 20
+    qc: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> ScanOptions:
@@ -285,6 +288,7 @@ class ScanPipeline:
             check_adequacy=check_adequacy,
         )
         dedup = CrossRoiDedup(plan)
+        qc = SlideQc(plan.mpp) if self.options.qc else None
         done = 0
         if progress:
             progress(0, len(rois))
@@ -295,6 +299,10 @@ class ScanPipeline:
                     read_ahead(_timed(reader, clock), rois, depth=self.options.read_ahead),
                     self._detector_batch(),
                 ):
+                    if qc is not None:
+                        with clock.stage("qc"):
+                            for roi, image in batch:
+                                qc.add_roi(roi.index, image, roi)
                     pending.extend(self._detect(batch, fields_px, dedup, clock))
                     if (
                         len(pending) >= self.options.chunk_rois
@@ -318,10 +326,11 @@ class ScanPipeline:
             for p in pending:
                 p.cell_outputs.cancel()
             reader.close()
+        summary = aggregator.summary()
+        if qc is not None:  # flags travel with the result; they never change the category
+            summary = replace(summary, qc=qc.result(cellular_area_mm2(mask)).to_dict())
         clock.ms["total"] = (time.perf_counter() - start) * 1000
-        return ScanOutcome(
-            aggregator.summary(), clock.rounded(), len(rois), reader.name, list(plan.warnings)
-        )
+        return ScanOutcome(summary, clock.rounded(), len(rois), reader.name, list(plan.warnings))
 
     def _detector_batch(self) -> int:
         return max(1, self.models.detector.config.max_batch_size)

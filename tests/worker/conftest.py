@@ -239,3 +239,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def queued_scan(
+    db: Database,
+    versions: dict | None = None,
+    model_sha256: dict | None = None,
+    path: str = "/slides/x.svs",
+) -> tuple[int, int]:
+    """Record a slide (a fresh fingerprint) and a queued scan of it: (slide id, scan id)."""
+    from worker.db import queries
+
+    with db.transaction() as s:
+        slide = queries.upsert_slide(
+            s,
+            fingerprint=uuid.uuid4().hex,
+            path=path,
+            vendor="aperio",
+            width=4096,
+            height=4096,
+            mpp_x=0.5,
+            mpp_y=0.5,
+        )
+        scan = queries.create_scan(
+            s, slide.id, versions or {"cell_detector": 1}, model_sha256=model_sha256
+        )
+        return slide.id, scan.id

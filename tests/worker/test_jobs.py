@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from tests.worker.conftest import queued_scan
 from worker.db import jobs, queries
 from worker.db.models import Scan, utc_now
 from worker.db.session import Database
@@ -32,18 +33,7 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
 
 
 def _queued_scan(db: Database, versions: dict = VERSIONS) -> tuple[int, int]:
-    with db.session() as s, s.begin():
-        slide = queries.upsert_slide(
-            s,
-            fingerprint=uuid.uuid4().hex,
-            path="/slides/x.svs",
-            vendor="aperio",
-            width=4096,
-            height=4096,
-            mpp_x=0.5,
-            mpp_y=0.5,
-        )
-        return slide.id, queries.create_scan(s, slide.id, versions).id
+    return queued_scan(db, versions)
 
 
 def _chunk(index: int) -> tuple[list[RoiResult], list[CellResult]]:
@@ -255,10 +245,12 @@ def _runtime(db: Database, models, soft_limit_s: float = 3600.0):
     return ScanRuntime(db, models, ScanOptions(chunk_rois=2), "here", soft_limit_s)
 
 
-def _submitted(db: Database, path: Path, fingerprint: str | None = None) -> int:
+def _submitted(
+    db: Database, path: Path, fingerprint: str | None = None, mpp: float | None = None
+) -> int:
     from worker.wsi.slide import open_slide
 
-    with open_slide(path) as slide, db.session() as s, s.begin():
+    with open_slide(path, mpp=mpp) as slide, db.session() as s, s.begin():
         info = slide.info
         if fingerprint is not None:
             info = dataclasses.replace(info, fingerprint=fingerprint)
@@ -311,26 +303,36 @@ def test_a_file_replaced_after_submit_fails_its_scan(
         assert "fingerprint changed" in s.get(Scan, scan_id).error
 
 
+def test_a_queued_slide_without_mpp_is_scanned_at_the_mpp_it_was_submitted_with(
+    tmp_path: Path, models, small_slide: Path
+) -> None:
+    import tifffile
+
+    from worker.lifecycle import Outcome, run_scan
+    from worker.wsi.slide import open_slide
+
+    with open_slide(small_slide) as slide:
+        rgb = np.asarray(slide.osr.read_region((0, 0), 0, (1024, 1024)).convert("RGB"))
+    bare = tmp_path / "no-mpp.tiff"
+    tifffile.imwrite(bare, rgb, tile=(256, 256), compression="jpeg", photometric="rgb")
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    db.create_schema()
+    scan_id = _submitted(db, bare, mpp=0.5)  # `papscan submit --mpp 0.5`
+    run = run_scan(_runtime(db, models), scan_id)
+    assert run.outcome is Outcome.DONE, run.error
+    assert run.result.summary.cell_count > 0
+
+
 # --- model identity: the weights' sha256 ----------------------------------------------
 
 
 def test_equivalent_scans_compare_weights_not_only_version_numbers(db: Database) -> None:
     hashes = {"cell_detector": "a" * 64, "cell_classifier": "b" * 64, "roi_classifier": "c" * 64}
+    slide_id, scan_id = queued_scan(db, VERSIONS, model_sha256=hashes)
     with db.transaction() as s:
-        slide = queries.upsert_slide(
-            s,
-            fingerprint=uuid.uuid4().hex,
-            path="/slides/y.svs",
-            vendor="aperio",
-            width=4096,
-            height=4096,
-            mpp_x=0.5,
-            mpp_y=0.5,
-        )
-        scan = queries.create_scan(s, slide.id, VERSIONS, model_sha256=hashes)
         retrained = {**hashes, "cell_classifier": "d" * 64}  # version 1 rewritten
-        assert jobs.find_equivalent_scan(s, slide.id, VERSIONS, hashes).id == scan.id
-        assert jobs.find_equivalent_scan(s, slide.id, VERSIONS, retrained) is None
+        assert jobs.find_equivalent_scan(s, slide_id, VERSIONS, hashes).id == scan_id
+        assert jobs.find_equivalent_scan(s, slide_id, VERSIONS, retrained) is None
         assert jobs.scans_using_weights(s, "cell_classifier", "b" * 64) >= 1
 
 

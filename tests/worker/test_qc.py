@@ -66,6 +66,11 @@ def synthetic(tmp_path_factory):
     """A synthetic slide's plan, mask and ROI images, read as a scan reads them."""
     path = tmp_path_factory.mktemp("qc") / "slide.tiff"
     write_synthetic_slide(path, width=3072, height=3072, mpp=MPP, seed=5, cells=100)
+    return planned_rois(path)
+
+
+def planned_rois(path):
+    """A slide's plan, mask and every ROI image, read as a scan reads them."""
     with open_slide(path) as slide:
         mask = cellular_mask(slide)
         plan = plan_rois(slide.info, mask, MPP, 512, 128)
@@ -316,14 +321,7 @@ def test_the_aperio_he_slide_passes_as_stained_and_its_corruptions_fail():
     svs = SHARED_DATA / "wsi" / "CMU-1-Small-Region.svs"
     if not svs.exists():
         pytest.skip(f"{svs} is absent")
-    with open_slide(svs) as slide:
-        mask = cellular_mask(slide)
-        plan = plan_rois(slide.info, mask, MPP, 512, 128)
-        reader = make_reader(slide, MPP, 512)
-        try:
-            rois = [(roi, reader.read(roi)) for roi in plan.rois]
-        finally:
-            reader.close()
+    plan, mask, rois = planned_rois(svs)
     for transform, code in (
         (lambda x: x, "ok"),
         (swap_rb, "swapped"),

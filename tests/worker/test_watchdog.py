@@ -11,11 +11,11 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 
 from sqlalchemy import select
 
-from worker.db import jobs, queries
+from tests.worker.conftest import queued_scan
+from worker.db import jobs
 from worker.db.models import Scan
 from worker.db.session import Database
 
@@ -38,20 +38,7 @@ CHILD = textwrap.dedent(
 
 
 def _running_scans(db: Database, n: int) -> list[int]:
-    ids = []
-    with db.transaction() as s:
-        slide = queries.upsert_slide(
-            s,
-            fingerprint=uuid.uuid4().hex,
-            path="/slides/x.svs",
-            vendor="aperio",
-            width=4096,
-            height=4096,
-            mpp_x=0.5,
-            mpp_y=0.5,
-        )
-        for _ in range(n):
-            ids.append(queries.create_scan(s, slide.id, {"cell_detector": 1}).id)
+    ids = [queued_scan(db)[1] for _ in range(n)]
     with db.transaction() as s:
         for scan_id in ids:
             jobs.claim_scan(s, scan_id, "w1", 600.0)

@@ -40,6 +40,7 @@ from worker.errors import (
     SlideOpenError,
     TransientError,
 )
+from worker.pipeline.qc import focus_map_png
 from worker.pipeline.records import CellResult, RoiResult, SlideSummary
 from worker.pipeline.scan import ScanModels, ScanOptions, ScanOutcome, ScanPipeline
 from worker.wsi.slide import Slide, open_slide
@@ -301,6 +302,7 @@ class ScanReport:
     summary: SlideSummary
     timings_ms: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    focus_map: str | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; review cells are reduced to their box, label and scores."""
@@ -324,6 +326,7 @@ def scan_file(
     preparation: str | None = None,
     options: ScanOptions | None = None,
     progress: Progress | None = None,
+    focus_map: Path | None = None,
 ) -> ScanReport:
     """Scan one slide file in this process, recorded as a new scan like a queued one.
 
@@ -339,6 +342,7 @@ def scan_file(
             liquid-based assumed with a note.
         options: pipeline knobs.
         progress: called with `(rois_done, rois_planned)` as the scan goes.
+        focus_map: write the QC focus map (per-ROI sharpness on the ROI grid) here.
 
     Raises:
         SlideOpenError, ModelNotFoundError, ModelConfigError, ModelLoadError,
@@ -371,6 +375,8 @@ def scan_file(
     if run.outcome is not Outcome.DONE:
         raise run.error or ScanSupersededError(scan_id, run.outcome.value)
     outcome = run.result
+    if focus_map is not None and outcome.qc is not None:
+        focus_map = focus_map_png(outcome.qc, outcome.plan, focus_map)
     return ScanReport(
         scan_id=scan_id,
         slide_id=slide_id,
@@ -385,6 +391,7 @@ def scan_file(
         summary=outcome.summary,
         timings_ms=outcome.timings_ms,
         warnings=outcome.warnings,
+        focus_map=str(focus_map) if focus_map is not None and outcome.qc is not None else None,
     )
 
 

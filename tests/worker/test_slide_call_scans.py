@@ -21,11 +21,11 @@ def repository() -> ModelRepository:
     return ModelRepository(default_repository_path())
 
 
-def _scan(tmp_path: Path, repository: ModelRepository, **slide):
+def _scan(tmp_path: Path, repository: ModelRepository, focus_map: Path | None = None, **slide):
     path = tmp_path / "slide.tiff"
     write_synthetic_slide(path, width=2048, height=2048, mpp=0.5, seed=3, **slide)
     db = Database(f"sqlite:///{tmp_path / 'r.db'}")
-    report = scan_file(path, db, repository, preparation="liquid-based")
+    report = scan_file(path, db, repository, preparation="liquid-based", focus_map=focus_map)
     with db.session() as s:
         row = s.get(SlideResult, report.scan_id)
         s.expunge(row)
@@ -40,8 +40,10 @@ def test_a_blank_slide_is_unsatisfactory_not_nilm(tmp_path: Path, repository) ->
 
 
 def test_a_scant_slide_of_normal_cells_is_unsatisfactory(tmp_path: Path, repository) -> None:
-    report, row = _scan(tmp_path, repository, cells=40, class_mix={"NILM": 1.0})
+    png = tmp_path / "focus.png"
+    report, row = _scan(tmp_path, repository, png, cells=40, class_mix={"NILM": 1.0})
     assert report.summary.category == UNSATISFACTORY, report.summary.call
+    assert report.focus_map == str(png) and png.read_bytes()[:4] == b"\x89PNG"
     assert 20 <= row.squamous_estimate < 5000 and row.adequacy_minimum == 5000
     assert "scant cellularity" in row.notes[0]
     assert row.operating_point == report.summary.call.operating_point != "unfitted"

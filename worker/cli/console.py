@@ -103,6 +103,8 @@ def print_report(report: ScanReport) -> None:
             labelled(out, "note", "bold yellow", note)
     for flag in (s.qc or {}).get("flags", []):
         labelled(out, "QC", "bold magenta", flag)
+    if report.focus_map:
+        out.print(f"focus map: {escape(report.focus_map)}")
     counts = Table(show_header=True, header_style="bold", box=None)
     for label in s.class_counts:
         counts.add_column(label, justify="right")

@@ -78,6 +78,10 @@ def scan(
         float | None, typer.Option(help="Microns per pixel, for files that do not record it.")
     ] = None,
     preparation: PreparationOption = None,
+    focus_map: Annotated[
+        Path | None,
+        typer.Option(help="Write the QC focus map (per-ROI sharpness on the ROI grid) as PNG."),
+    ] = None,
     reader: Annotated[Reader, typer.Option(help="How ROIs are read.")] = Reader.auto,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -99,6 +103,7 @@ def scan(
             preparation=preparation.value if preparation else None,
             options=ScanOptions.from_settings(get_settings(), reader=reader.value),
             progress=on_progress,
+            focus_map=focus_map,
         )
     if as_json:
         out.print_json(json.dumps(report.to_dict()))

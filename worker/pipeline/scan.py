@@ -38,8 +38,8 @@ from engines.preprocess import cut_crops, to_input
 from engines.repository import ModelRepository, weights_sha256
 from worker.pipeline.aggregate import SlideAggregator
 from worker.pipeline.detect import CrossRoiDedup
-from worker.pipeline.plan import cellular_mask, plan_rois
-from worker.pipeline.qc import SlideQc, cellular_area_mm2
+from worker.pipeline.plan import RoiPlan, cellular_mask, plan_rois
+from worker.pipeline.qc import QcResult, SlideQc, cellular_area_mm2
 from worker.pipeline.records import CellResult, RoiResult, SlideSummary
 from worker.pipeline.slide_call import OperatingPoint
 from worker.wsi.read import make_reader, read_ahead
@@ -148,6 +148,8 @@ class ScanOutcome:
     rois_planned: int
     reader: str
     warnings: list[str] = field(default_factory=list)
+    plan: RoiPlan | None = None
+    qc: QcResult | None = None  # its dict travels on `summary.qc`; this draws the focus map
 
 
 @dataclass
@@ -326,11 +328,20 @@ class ScanPipeline:
             for p in pending:
                 p.cell_outputs.cancel()
             reader.close()
-        summary = aggregator.summary()
+        summary, qc_result = aggregator.summary(), None
         if qc is not None:  # flags travel with the result; they never change the category
-            summary = replace(summary, qc=qc.result(cellular_area_mm2(mask)).to_dict())
+            qc_result = qc.result(cellular_area_mm2(mask))
+            summary = replace(summary, qc=qc_result.to_dict())
         clock.ms["total"] = (time.perf_counter() - start) * 1000
-        return ScanOutcome(summary, clock.rounded(), len(rois), reader.name, list(plan.warnings))
+        return ScanOutcome(
+            summary,
+            clock.rounded(),
+            len(rois),
+            reader.name,
+            list(plan.warnings),
+            plan=plan,
+            qc=qc_result,
+        )
 
     def _detector_batch(self) -> int:
         return max(1, self.models.detector.config.max_batch_size)

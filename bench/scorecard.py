@@ -81,12 +81,11 @@ from worker.pipeline.slide_call import OPERATING_POINT_FILE
 from worker.settings import get_settings
 from worker.wsi.slide import open_slide
 
-try:  # imported as bench.scorecard (tests, pythonpath ".")
-    from bench import scorecard_metrics as sm
-except ImportError:  # run as a script (bench/ is sys.path[0]) or loaded from its file
-    if str(Path(__file__).resolve().parent) not in sys.path:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import scorecard_metrics as sm  # type: ignore[no-redef]
+# bench/ is not a package: its modules import each other by name, whether this file runs
+# as a script (bench/ is sys.path[0]) or is loaded from its path (the tests).
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scorecard_metrics as sm  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

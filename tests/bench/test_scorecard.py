@@ -157,10 +157,14 @@ def test_scorecard_runs_end_to_end_on_the_real_data(shared_data: Path, tmp_path:
     )
     val = json.loads((val_out / "scorecard.json").read_text())
     op = val["operating_point"]
-    assert val["part"] == "val" and 0.0 <= op["abnormal_threshold"] <= 1.0
-    assert op["fit"]["abnormal"] >= 1 and op["fitted_on"]["part"] == "val"
+    assert val["part"] == "val" and op["fitted_on"]["part"] == "val"
+    assert set(op["abnormal_threshold"]) == {"liquid-based", "conventional"}
+    for preparation, fit in op["fit"]["rules"].items():
+        assert fit["abnormal"] >= 1 and 0.0 <= op["abnormal_threshold"][preparation] <= 1.0
     fitted = OperatingPoint.load(repo / OPERATING_POINT_FILE)
-    assert fitted.version == op["version"] and fitted.abnormal_threshold == op["abnormal_threshold"]
+    assert fitted.version == op["version"]
+    written = {p: r.abnormal_threshold for p, r in fitted.rules.items()}
+    assert written == pytest.approx(op["abnormal_threshold"], rel=1e-5)  # 6 digits in YAML
 
     assert scorecard.main([*common, "--out", str(test_out)]) == 0
     report = json.loads((test_out / "scorecard.json").read_text())

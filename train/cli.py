@@ -206,8 +206,12 @@ _USER_ERRORS = (PapscanError, FileNotFoundError, ValueError)
 def _fail(exc: Exception) -> typer.Exit:
     """Print a user error as one sentence on stderr; return the exit to raise."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]papscan:[/] {exc}", highlight=False)
+    # Text, not markup (a sentence may hold square brackets), on one line however wide.
+    Console(stderr=True).print(
+        f"[bold red]papscan:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+    )
     return typer.Exit(1)
 
 

@@ -275,3 +275,6 @@ from worker.cli.queue import queue_app  # noqa: E402
 
 # `papscan worker|submit|status|cancel|retry|watch`: the overnight queue, at the top level.
 app.add_typer(queue_app)
+from worker.cli.results import results_app  # noqa: E402
+
+app.add_typer(results_app)  # `papscan results`: the worklist, or one slide in full

@@ -43,6 +43,7 @@ class Reader(StrEnum):
 class ExportFormat(StrEnum):
     csv = "csv"
     geojson = "geojson"
+    report = "report"
 
 
 @app.callback()
@@ -129,7 +130,12 @@ def export(
     ],
     fmt: Annotated[
         ExportFormat,
-        typer.Option("--format", help="csv: one row per cell; geojson: cell boxes for QuPath."),
+        typer.Option(
+            "--format",
+            help="csv: one row per cell; geojson: cell boxes for QuPath (drop the .geojson "
+            "on the open slide); report: one printable, self-contained HTML page (the slide "
+            "result and its review cells, cut from the slide).",
+        ),
     ] = ExportFormat.csv,
     output: Annotated[
         Path | None, typer.Option("--out", "-o", help="File to write (default: stdout).")
@@ -177,14 +183,26 @@ def export(
         for line in report.summary_lines():
             typer.echo(line)
         return
-    from worker.db.export import write_cells
-
     database = _database(db)
     with database.session() as s:
+        if fmt is ExportFormat.report:
+            from worker.cli.console import err, labelled
+            from worker.db.report import write_report
+
+            if output is None:
+                info = write_report(s, target, sys.stdout)
+            else:
+                with output.open("w", encoding="utf-8") as f:
+                    info = write_report(s, target, f)
+            if info.note is not None:
+                labelled(err, "note", "yellow", info.note)
+            return
+        from worker.db.export import write_cells
+
         if output is None:
             write_cells(s, target, fmt.value, sys.stdout)
         else:
-            with output.open("w", newline="") as f:
+            with output.open("w", newline="", encoding="utf-8") as f:
                 write_cells(s, target, fmt.value, f)
 
 

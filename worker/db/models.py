@@ -221,3 +221,21 @@ class SlideResult(Base):
     notes: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     qc: Mapped[dict[str, Any] | None]
     evidence: Mapped[dict[str, Any] | None]
+
+
+class ApiToken(Base):
+    """A bearer token of the REST API (`papscan token create`); only its sha256 is kept.
+
+    A token is refused once `revoked_at` is set; the row stays, so `token list` shows it.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utc_now, server_default=func.now())
+    revoked_at: Mapped[datetime | None]
+
+
+__all__ += ["ApiToken"]

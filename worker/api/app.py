@@ -1,0 +1,109 @@
+"""The FastAPI app: bearer-token auth on every route, errors as one JSON sentence.
+
+`/docs` and `/redoc` are off (FastAPI's pages load their scripts from a CDN); the
+OpenAPI schema is at `/openapi.json`, behind the token like everything else. No CORS
+middleware: browsers on other origins are refused by default.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from worker.api.tokens import token_is_valid
+from worker.db.session import Database
+from worker.errors import DatabaseUnavailableError
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+_bearer = HTTPBearer(auto_error=False, description="A token from `papscan token create`.")
+
+
+class Unauthorized(Exception):
+    """No token, or not a valid one."""
+
+
+def create_app(db: Database, *, broker_url: str | None = None) -> FastAPI:
+    """Build the API over `db`; `broker_url` (default: settings) feeds `/api/queue`."""
+    from worker.api.routes import router
+
+    def require_token(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> None:
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise Unauthorized()
+        with db.session() as s:
+            if not token_is_valid(s, credentials.credentials):
+                raise Unauthorized()
+
+    app = FastAPI(
+        title="papscan",
+        summary="Cervical cytology screening results: worklist, scans, cells, queue.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        dependencies=[Depends(require_token)],
+        responses={401: {"model": _error_model(), "description": "No or a wrong token."}},
+    )
+    app.state.db = db
+    app.state.broker_url = broker_url
+    app.include_router(router)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    _handle_errors(app)
+    return app
+
+
+def _error_model() -> type:
+    from worker.api.schemas import Error
+
+    return Error
+
+
+def _handle_errors(app: FastAPI) -> None:
+    """Every error as `{"detail": "<one sentence>"}`."""
+
+    @app.exception_handler(Unauthorized)
+    def unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
+        return JSONResponse(
+            {"detail": "A valid bearer token is needed (papscan token create NAME)."},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else "The request failed."
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = "There is nothing at this address."
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = " ".join(str(part) for part in first.get("loc", ()))
+        message = str(first.get("msg", "is not valid")).rstrip(".")
+        return JSONResponse({"detail": f"{where}: {message}."}, status_code=422)
+
+    @app.exception_handler(DatabaseUnavailableError)
+    def database_down(request: Request, exc: DatabaseUnavailableError) -> JSONResponse:
+        logger.error("%s", exc)
+        return JSONResponse(
+            {"detail": "The results database cannot be reached just now."}, status_code=503
+        )
+
+    @app.exception_handler(Exception)
+    def bug(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "Internal server error."}, status_code=500)

@@ -1,0 +1,61 @@
+"""The API's response bodies, as pydantic models (they make the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+__all__ = ["CellPage", "CellRow", "Error", "WorklistRow"]
+
+
+class Error(BaseModel):
+    """Every error: one sentence, no internals."""
+
+    detail: str
+
+
+class WorklistRow(BaseModel):
+    """One slide of the worklist: its newest scan (`worklist.WORKLIST_COLUMNS`)."""
+
+    scan_id: int
+    slide_id: int
+    slide_path: str
+    fingerprint: str
+    barcode: str | None
+    category: str | None
+    score: float | None
+    adequacy: str | None
+    qc_flags: list[Any]
+    status: str
+    error: str | None
+    created_at: datetime | None
+    finished_at: datetime | None
+
+
+class CellRow(BaseModel):
+    """One cell; its box in level-0 px."""
+
+    id: int
+    x: int
+    y: int
+    w: int
+    h: int
+    label: str
+    score: float
+    detection_score: float
+    suspicion: float
+    attention: float
+    review_rank: int | None
+    roi_index: int
+
+
+class CellPage(BaseModel):
+    """A page of a scan's cells, in id order; `next_offset` is None on the last page."""
+
+    scan_id: int
+    offset: int
+    limit: int
+    next_offset: int | None
+    cells: list[CellRow]

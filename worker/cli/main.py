@@ -296,3 +296,6 @@ app.add_typer(queue_app)
 from worker.cli.results import results_app  # noqa: E402
 
 app.add_typer(results_app)  # `papscan results`: the worklist, or one slide in full
+from worker.cli.serve import serve_app  # noqa: E402
+
+app.add_typer(serve_app)  # `papscan serve`, `papscan token create|list|revoke`

@@ -1,0 +1,304 @@
+"""The REST API over real HTTP: a uvicorn server in a thread, on SQLite and PostgreSQL,
+serving one scanned synthetic slide; every route's happy path and every bad input."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from worker.db.session import Database
+
+pytestmark = pytest.mark.slow
+
+UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"
+
+
+@dataclass
+class Served:
+    base: str
+    token: str
+    db: Database
+    scan_id: int
+    report: object
+    client: httpx.Client
+
+
+def _serve(app) -> tuple[str, object, threading.Thread]:
+    """Run `app` under uvicorn in a thread on a free port; return its base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def served(request, tmp_path_factory) -> Iterator[Served]:
+    from engines.repository import ModelRepository, default_repository_path
+    from train.synth import write_synthetic_slide
+    from worker.api import create_app
+    from worker.api.tokens import create_token
+    from worker.lifecycle import scan_file
+
+    folder = tmp_path_factory.mktemp(f"api-{request.param}")
+    if request.param == "sqlite":
+        url = f"sqlite:///{folder / 'results.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    path = folder / "small.tiff"
+    write_synthetic_slide(path, width=2048, height=2048, mpp=0.5, seed=3, cells=60)
+    db = Database(url)
+    report = scan_file(path, db, ModelRepository(default_repository_path()))
+    with db.transaction() as s:
+        token = create_token(s, f"test-{folder.name}")
+    base, server, thread = _serve(create_app(db, broker_url=UNREACHABLE_BROKER))
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
+        yield Served(base, token, db, report.scan_id, report, client)
+    server.should_exit = True
+    thread.join(10)
+    db.dispose()
+
+
+def _one_sentence(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"detail"} and isinstance(body["detail"], str), body
+    assert body["detail"].endswith(".") and "\n" not in body["detail"]
+    return body["detail"]
+
+
+# --- auth -------------------------------------------------------------------------------
+
+
+def test_every_route_needs_a_valid_bearer_token(served: Served) -> None:
+    sid = served.scan_id
+    routes = [
+        "/api/worklist",
+        f"/api/scans/{sid}",
+        f"/api/scans/{sid}/cells",
+        f"/api/scans/{sid}/cells/1/image",
+        "/api/queue",
+        "/openapi.json",
+    ]
+    for headers in (
+        {},
+        {"Authorization": "Bearer not-a-token"},
+        {"Authorization": f"Basic {served.token}"},
+        {"Authorization": f"Bearer {served.token}x"},
+    ):
+        for route in routes:
+            r = httpx.get(served.base + route, headers=headers)
+            _one_sentence(r, 401)
+            assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_a_revoked_token_is_refused(served: Served) -> None:
+    from worker.api.tokens import create_token, revoke_token
+
+    name = f"revoked-{time.monotonic_ns()}"
+    with served.db.transaction() as s:
+        token = create_token(s, name)
+    auth = {"Authorization": f"Bearer {token}"}
+    assert httpx.get(served.base + "/api/queue", headers=auth).status_code == 200
+    with served.db.transaction() as s:
+        assert revoke_token(s, name) == 1
+    _one_sentence(httpx.get(served.base + "/api/queue", headers=auth), 401)
+
+
+def test_openapi_schema_is_served_and_docs_are_off(served: Served) -> None:
+    r = served.client.get("/openapi.json")
+    assert r.status_code == 200
+    schema = r.json()
+    assert "/api/scans/{scan_id}/cells/{cell_id}/image" in schema["paths"]
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for page in ("/docs", "/redoc"):
+        _one_sentence(served.client.get(page), 404)
+
+
+# --- worklist ---------------------------------------------------------------------------
+
+
+def test_worklist(served: Served) -> None:
+    summary = served.report.summary
+    r = served.client.get("/api/worklist")
+    assert r.status_code == 200
+    rows = {row["scan_id"]: row for row in r.json()}
+    row = rows[served.scan_id]
+    assert (row["status"], row["category"], row["score"]) == ("done", summary.category,
+                                                              summary.score)  # fmt: skip
+    kept = {
+        "status": "done",
+        "category": summary.category.lower(),
+        "since": "2000-01-01",
+        "until": "2999-12-31T00:00:00+00:00",
+    }
+    for key, value in kept.items():
+        ids = [x["scan_id"] for x in served.client.get("/api/worklist", params={key: value}).json()]
+        assert served.scan_id in ids, (key, value)
+    for key, value in {"status": "failed", "since": "2999-01-01"}.items():
+        ids = [x["scan_id"] for x in served.client.get("/api/worklist", params={key: value}).json()]
+        assert served.scan_id not in ids, (key, value)
+    assert len(served.client.get("/api/worklist", params={"limit": 1}).json()) == 1
+
+
+def test_worklist_bad_filters_are_422(served: Served) -> None:
+    for params in (
+        {"limit": -1},
+        {"limit": "many"},
+        {"status": "sleeping"},
+        {"adequacy": "fine"},
+        {"category": "nonsense"},
+        {"since": "last tuesday"},
+    ):
+        _one_sentence(served.client.get("/api/worklist", params=params), 422)
+
+
+# --- one scan ---------------------------------------------------------------------------
+
+
+def test_one_scan_in_full(served: Served) -> None:
+    from worker.db.worklist import slide_detail
+
+    r = served.client.get(f"/api/scans/{served.scan_id}")
+    assert r.status_code == 200
+    body = r.json()
+    with served.db.session() as s:
+        expected = slide_detail(s, str(served.scan_id))
+    assert set(body) == set(expected)
+    assert body["scan_id"] == served.scan_id
+    assert body["class_counts"] == served.report.summary.class_counts
+    assert len(body["top_cells"]) == len(expected["top_cells"])
+
+
+def test_unknown_and_non_numeric_scans(served: Served) -> None:
+    assert "does not exist" in _one_sentence(served.client.get("/api/scans/987654321"), 404)
+    _one_sentence(served.client.get("/api/scans/987654321/cells"), 404)
+    _one_sentence(served.client.get("/api/scans/987654321/cells/1/image"), 404)
+    for bad in ("abc", "1.5", "-3", "..%2F..%2Fetc%2Fpasswd"):
+        r = served.client.get(f"/api/scans/{bad}")
+        assert r.status_code in (404, 422), (bad, r.text)
+        _one_sentence(r, r.status_code)
+    _one_sentence(served.client.get("/api/scans/abc"), 422)
+    _one_sentence(served.client.get(f"/api/scans/{served.scan_id}/cells/abc/image"), 422)
+
+
+# --- cells ------------------------------------------------------------------------------
+
+
+def _all_cells(served: Served, **params) -> list[dict]:
+    cells, offset = [], 0
+    while offset is not None:
+        r = served.client.get(
+            f"/api/scans/{served.scan_id}/cells", params={**params, "offset": offset}
+        )
+        assert r.status_code == 200, r.text
+        page = r.json()
+        cells += page["cells"]
+        offset = page["next_offset"]
+    return cells
+
+
+def test_cells_paged_and_filtered(served: Served) -> None:
+    summary = served.report.summary
+    cells = _all_cells(served, limit=7)
+    assert len(cells) == summary.cell_count and len({c["id"] for c in cells}) == len(cells)
+    assert cells == _all_cells(served)  # one page or many: the same cells, the same order
+    label = cells[0]["label"]
+    assert _all_cells(served, label=label) == [c for c in cells if c["label"] == label]
+    assert _all_cells(served, min_score=0.9, max_score=0.99) == [
+        c for c in cells if 0.9 <= c["score"] <= 0.99
+    ]
+    assert _all_cells(served, review_rank_max=3) == [
+        c for c in cells if c["review_rank"] is not None and c["review_rank"] <= 3
+    ]
+    x, y, w, h = 0, 0, 1024, 1024
+    inside = [c for c in cells if c["x"] < x + w and c["x"] + c["w"] > x and c["y"] < y + h
+              and c["y"] + c["h"] > y]  # fmt: skip
+    assert _all_cells(served, region=f"{x},{y},{w},{h}") == inside
+    assert 0 < len(inside) < len(cells)
+
+
+def test_cells_bad_input(served: Served) -> None:
+    url = f"/api/scans/{served.scan_id}/cells"
+    for region in ("0,0,4096,10", "2000,2000,100,100", "-1,0,10,10", "0,0,100001,10",
+                   "0,0,0,10", "1,2,3", "a,b,c,d"):  # fmt: skip
+        _one_sentence(served.client.get(url, params={"region": region}), 400)
+    for params in ({"limit": -1}, {"limit": 0}, {"offset": -1}, {"min_score": 2},
+                   {"review_rank_max": "x"}):  # fmt: skip
+        _one_sentence(served.client.get(url, params=params), 422)
+
+
+def test_cell_image_is_a_png_cut_from_the_slide(served: Served) -> None:
+    from PIL import Image
+
+    cell = served.client.get(
+        f"/api/scans/{served.scan_id}/cells", params={"review_rank_max": 1}
+    ).json()["cells"][0]
+    r = served.client.get(f"/api/scans/{served.scan_id}/cells/{cell['id']}/image")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(r.content))
+    assert image.format == "PNG" and image.size == (96, 96)  # 48 µm at 0.5 µm/px
+    _one_sentence(served.client.get(f"/api/scans/{served.scan_id}/cells/987654321/image"), 404)
+
+
+# --- queue ------------------------------------------------------------------------------
+
+
+def test_queue_reports_an_unreachable_broker_inside(served: Served) -> None:
+    r = served.client.get("/api/queue")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["depths"] is None and "broker" in body["broker_error"]
+    assert isinstance(body["running"], list) and isinstance(body["results"], list)
+
+
+# --- tokens on the command line ---------------------------------------------------------
+
+
+def test_token_create_list_revoke(tmp_path: Path) -> None:
+    import hashlib
+
+    from sqlalchemy import select
+
+    from worker.cli.main import app
+    from worker.db.models import ApiToken
+
+    url = f"sqlite:///{tmp_path / 'tokens.db'}"
+    runner = CliRunner()
+    made = runner.invoke(app, ["token", "create", "morning-page", "--db", url])
+    assert made.exit_code == 0, made.output
+    token = made.stdout.strip()
+    assert token.startswith("papscan_") and len(token) > 40
+    db = Database(url)
+    with db.session() as s:
+        stored = s.scalars(select(ApiToken.token_sha256)).all()
+    assert stored == [hashlib.sha256(token.encode()).hexdigest()]
+    again = runner.invoke(app, ["token", "create", "morning-page", "--db", url])
+    assert again.exit_code == 1 and "exists" in again.stderr
+    listed = runner.invoke(app, ["token", "list", "--db", url])
+    assert listed.exit_code == 0 and "morning-page" in listed.stdout
+    assert "active" in listed.stdout and token not in listed.output
+    revoked = runner.invoke(app, ["token", "revoke", "morning-page", "--db", url])
+    assert revoked.exit_code == 0, revoked.output
+    assert "revoked" in runner.invoke(app, ["token", "list", "--db", url]).stdout
+    missing = runner.invoke(app, ["token", "revoke", "morning-page", "--db", url])
+    assert missing.exit_code == 1 and "no active token" in missing.stderr
+    db.dispose()

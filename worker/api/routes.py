@@ -18,7 +18,7 @@ from worker.db.session import Database
 
 router = APIRouter(prefix="/api")
 
-ScanId = Annotated[int, Path(ge=1, le=2**62, description="The scan's database id.")]
+ScanId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The scan's database id.")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Error}}
 Status = Literal[SCAN_STATUSES]  # type: ignore[valid-type]
 

@@ -309,7 +309,7 @@ def test_token_create_list_revoke(tmp_path: Path) -> None:
 # --- fuzzing ----------------------------------------------------------------------------
 
 
-def test_schemathesis_finds_no_server_error(served: Served) -> None:
+def test_schemathesis_finds_no_server_error(served: Served, tmp_path: Path) -> None:
     """Schemathesis (if installed) fuzzes every operation of /openapi.json: never a 500."""
     import subprocess
     import sys
@@ -322,7 +322,7 @@ def test_schemathesis_finds_no_server_error(served: Served) -> None:
         [str(cli), "--no-color", "run", f"{served.base}/openapi.json",
          "-H", f"Authorization: Bearer {served.token}", "--checks", "not_a_server_error",
          "-n", "30", "--seed", "1"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,  # its .schemathesis/ cache
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "No issues found" in run.stdout

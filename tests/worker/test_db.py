@@ -23,7 +23,16 @@ from worker.pipeline.records import CellResult, RoiResult, SlideSummary
 from worker.pipeline.scan import ScanOptions
 from worker.settings import SettingsError, get_settings
 
-TABLES = {"slides", "scans", "rois", "cells", "slide_results", "api_tokens"}
+TABLES = {
+    "slides",
+    "scans",
+    "rois",
+    "cells",
+    "slide_results",
+    "api_tokens",
+    "slide_reviews",
+    "cell_reviews",
+}
 
 
 # --- fixtures -------------------------------------------------------------------------
@@ -111,7 +120,7 @@ def _count(db: Database, model: type, scan_id: int) -> int:
 
 
 def test_schema_is_created_by_the_migration(db: Database) -> None:
-    assert db.current_revision() == Database.head_revision() == "0005"
+    assert db.current_revision() == Database.head_revision() == "0006"
     db.create_schema()  # an up-to-date schema is left alone
     names = set(inspect(db.engine).get_table_names())
     assert names == TABLES | {"alembic_version"}

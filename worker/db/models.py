@@ -239,3 +239,52 @@ class ApiToken(Base):
 
 
 __all__ += ["ApiToken"]
+
+
+REVIEW_VERDICTS = ("true_positive", "false_positive")
+
+
+class SlideReview(Base):
+    """A cytologist's decision on a scan, stored beside the AI's result (never over it).
+
+    `agrees` says whether they agree with the AI category; `category` is their own
+    (a Bethesda category or "Unsatisfactory for evaluation"), `note` free text.
+    `reviewer` is the API token's name. A later decision is a new row: the newest is
+    current, the older ones are the history.
+    """
+
+    __tablename__ = "slide_reviews"
+    __table_args__ = (Index(None, "scan_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    scan_id: Mapped[int] = mapped_column(ForeignKey("scans.id", ondelete="CASCADE"))
+    reviewer: Mapped[str] = mapped_column(String(64))
+    agrees: Mapped[bool] = mapped_column(Boolean)
+    category: Mapped[str | None] = mapped_column(String(32))
+    note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utc_now, server_default=func.now())
+
+
+class CellReview(Base):
+    """A cytologist's verdict on one detected cell: a true or a false positive.
+
+    `scan_id` is the cell's scan (the reviews of a scan without a join). A later
+    verdict on the same cell is a new row; the newest is current.
+    """
+
+    __tablename__ = "cell_reviews"
+    __table_args__ = (
+        CheckConstraint("verdict IN ('true_positive', 'false_positive')", name="verdict"),
+        Index(None, "scan_id"),
+        Index(None, "cell_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    cell_id: Mapped[int] = mapped_column(BigId, ForeignKey("cells.id", ondelete="CASCADE"))
+    scan_id: Mapped[int] = mapped_column(ForeignKey("scans.id", ondelete="CASCADE"))
+    reviewer: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utc_now, server_default=func.now())
+
+
+__all__ += ["REVIEW_VERDICTS", "CellReview", "SlideReview"]

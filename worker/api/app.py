@@ -33,6 +33,7 @@ class Unauthorized(Exception):
 
 def create_app(db: Database, *, broker_url: str | None = None) -> FastAPI:
     """Build the API over `db`; `broker_url` (default: settings) feeds `/api/queue`."""
+    from worker.api.reviews import router as review_router
     from worker.api.routes import router
 
     def require_token(
@@ -56,6 +57,7 @@ def create_app(db: Database, *, broker_url: str | None = None) -> FastAPI:
     app.state.db = db
     app.state.broker_url = broker_url
     app.include_router(router)
+    app.include_router(review_router)
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi() -> dict[str, Any]:

@@ -42,6 +42,9 @@ def worklist(
     status: Status | None = None,
     category: Annotated[list[str] | None, Query(description="Repeat for several.")] = None,
     adequacy: Literal["satisfactory", "unsatisfactory"] | None = None,
+    reviewed: Annotated[
+        bool | None, Query(description="Whether the newest scan has a review decision.")
+    ] = None,
     limit: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
 ) -> list[dict[str, Any]]:
     """The morning worklist, as `papscan results`: those needing a person first."""
@@ -53,6 +56,7 @@ def worklist(
         status=status,
         categories=tuple(_category(c) for c in category or ()),
         adequacy=adequacy,
+        reviewed=reviewed,
         limit=limit,
     )
     with _db(request).session() as s:

@@ -32,6 +32,7 @@ class WorklistRow(BaseModel):
     error: str | None
     created_at: datetime | None
     finished_at: datetime | None
+    reviewed: bool
 
 
 class CellRow(BaseModel):

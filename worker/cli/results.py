@@ -1,7 +1,8 @@
 """`papscan results`: the morning worklist, or everything about one slide.
 
     papscan results [--since DATE] [--until DATE] [--status STATUS] [--category NAME]...
-        [--adequacy satisfactory|unsatisfactory] [--limit N] [--json | --csv]
+        [--adequacy satisfactory|unsatisfactory] [--reviewed | --not-reviewed] [--limit N]
+        [--json | --csv]
     papscan results SLIDE|SCAN [--json]
 
 Mounted at the top level of `papscan`; the queries live in `worker/db/worklist.py`.
@@ -69,6 +70,14 @@ def results(
         ),
     ] = None,
     adequacy: Annotated[AdequacyChoice | None, typer.Option(help="Adequacy.")] = None,
+    reviewed: Annotated[
+        bool | None,
+        typer.Option(
+            "--reviewed/--not-reviewed",
+            help="Slides whose newest scan has (or has not) a cytologist's decision.",
+            show_default=False,
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="At most N slides, the top.")] = None,
     db: DbOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -82,6 +91,8 @@ def results(
         fail("give --json or --csv, not both")
     filters = {"--since": since, "--until": until, "--status": status, "--category": category}
     filters.update({"--adequacy": adequacy, "--limit": limit})
+    if reviewed is not None:
+        filters["--reviewed" if reviewed else "--not-reviewed"] = True
     if target is not None:
         given = [name for name, value in filters.items() if value]
         if given or as_csv:
@@ -98,6 +109,7 @@ def results(
         status=status.value if status else None,
         categories=tuple(_category(c) for c in category or ()),
         adequacy=adequacy.value if adequacy else None,
+        reviewed=reviewed,
         limit=limit,
     )
     _worklist(f, db, "json" if as_json else "csv" if as_csv else "table")
@@ -185,7 +197,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     )
     for name in ("scan", "slide", "barcode", "category", "P(abnormal)", "adequacy"):
         table.add_column(name, justify="right" if name in ("scan", "P(abnormal)") else "left")
-    for name in ("QC flags", "status", "finished"):
+    for name in ("QC flags", "status", "finished", "reviewed"):
         table.add_column(name, overflow="fold")
     for r in rows:
         category = r["category"] or ""
@@ -202,6 +214,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             Text("\n".join(r["qc_flags"]), style="magenta"),
             Text(r["status"], style="bold yellow" if r["status"] == "failed" else ""),
             _local(r["finished_at"]),
+            Text("yes" if r["reviewed"] else "", style="green"),
         )
     out.print(table)
 

@@ -4,7 +4,8 @@ The worklist has one row per slide, its newest scan (the highest scan id of the 
 found with one `max(id) GROUP BY slide_id` over the `(slide_id, id)` index), ranked so
 slides that need a person come first: failed scans and "Unsatisfactory for evaluation"
 on top, then by P(abnormal) descending; scans without a result (queued, running,
-cancelled) last. Filters apply to that newest scan. None of these functions commits.
+cancelled) last. Filters apply to that newest scan. `reviewed` says whether that scan
+has at least one cytologist's decision (`slide_reviews`). None of these functions commits.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, case, func, or_, select
+from sqlalchemy import Select, case, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from worker.db import queries
-from worker.db.models import SCAN_STATUSES, Cell, Scan, Slide, SlideResult
+from worker.db.models import SCAN_STATUSES, Cell, Scan, Slide, SlideResult, SlideReview
 from worker.pipeline.slide_call import BETHESDA, UNSATISFACTORY
 
 __all__ = [
@@ -49,6 +50,7 @@ WORKLIST_COLUMNS = (
     "error",
     "created_at",
     "finished_at",
+    "reviewed",
 )
 
 
@@ -62,6 +64,8 @@ class WorklistFilter:
         status: the newest scan's status.
         categories: slide categories (exact names, see `CATEGORIES`).
         adequacy: "satisfactory" or "unsatisfactory".
+        reviewed: True keeps slides whose newest scan has a review decision, False
+            those without one.
         limit: at most this many rows, the top of the ranking.
     """
 
@@ -70,6 +74,7 @@ class WorklistFilter:
     status: str | None = None
     categories: tuple[str, ...] = ()
     adequacy: str | None = None
+    reviewed: bool | None = None
     limit: int | None = None
 
     def __post_init__(self) -> None:
@@ -116,6 +121,9 @@ def worklist_statement(f: WorklistFilter = WorklistFilter()) -> Select:
         inner = inner.where(SlideResult.category.in_(f.categories))
     if f.adequacy is not None:
         inner = inner.where(SlideResult.adequacy == f.adequacy)
+    if f.reviewed is not None:
+        has_review = _has_review(newest.c.scan_id)
+        inner = inner.where(has_review if f.reviewed else ~has_review)
     if f.limit is not None:
         inner = inner.order_by(*_ranking(inner.selected_columns)).limit(f.limit)
     ranked = inner.subquery("ranked")
@@ -134,6 +142,7 @@ def worklist_statement(f: WorklistFilter = WorklistFilter()) -> Select:
             Scan.error,
             Scan.created_at,
             Scan.finished_at,
+            _has_review(ranked.c.scan_id).label("reviewed"),
         )
         .select_from(ranked)
         .join(Scan, Scan.id == ranked.c.scan_id)
@@ -141,6 +150,11 @@ def worklist_statement(f: WorklistFilter = WorklistFilter()) -> Select:
         .outerjoin(SlideResult, SlideResult.scan_id == ranked.c.scan_id)
         .order_by(*_ranking(ranked.c))
     )
+
+
+def _has_review(scan_id: Any) -> Any:
+    """Whether scan `scan_id` has a review decision (the index on `slide_reviews.scan_id`)."""
+    return exists().where(SlideReview.scan_id == scan_id)
 
 
 def _ranking(c: Any) -> list[Any]:
@@ -163,6 +177,7 @@ def iter_worklist(
         item["qc_flags"] = list(item["qc_flags"] or [])
         item["created_at"] = aware(item["created_at"])
         item["finished_at"] = aware(item["finished_at"])
+        item["reviewed"] = bool(item["reviewed"])
         yield item
 
 

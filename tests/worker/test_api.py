@@ -324,5 +324,6 @@ def test_schemathesis_finds_no_server_error(served: Served, tmp_path: Path) -> N
          "-n", "30", "--seed", "1"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,  # its .schemathesis/ cache
     )  # fmt: skip
+    # Exit 0: no check failed. Warnings (e.g. "always 404" where the fuzzer cannot guess a
+    # real cell id) depend on what else the shared database holds, so they are not failures.
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "No issues found" in run.stdout

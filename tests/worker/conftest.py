@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -265,3 +267,20 @@ def queued_scan(
             s, slide.id, versions or {"cell_detector": 1}, model_sha256=model_sha256
         )
         return slide.id, scan.id
+
+
+def serve_app(app) -> tuple[str, object, threading.Thread]:
+    """Run the ASGI `app` under uvicorn in a thread on a free port; return its base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server, thread

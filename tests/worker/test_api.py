@@ -4,8 +4,6 @@ serving one scanned synthetic slide; every route's happy path and every bad inpu
 from __future__ import annotations
 
 import io
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from tests.worker.conftest import serve_app
 from worker.db.session import Database
 
 pytestmark = pytest.mark.slow
@@ -30,23 +29,6 @@ class Served:
     scan_id: int
     report: object
     client: httpx.Client
-
-
-def _serve(app) -> tuple[str, object, threading.Thread]:
-    """Run `app` under uvicorn in a thread on a free port; return its base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server, thread
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -68,7 +50,7 @@ def served(request, tmp_path_factory) -> Iterator[Served]:
     report = scan_file(path, db, ModelRepository(default_repository_path()))
     with db.transaction() as s:
         token = create_token(s, f"test-{folder.name}")
-    base, server, thread = _serve(create_app(db, broker_url=UNREACHABLE_BROKER))
+    base, server, thread = serve_app(create_app(db, broker_url=UNREACHABLE_BROKER))
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
         yield Served(base, token, db, report.scan_id, report, client)

@@ -11,9 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import socket
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +21,7 @@ import pytest
 from sqlalchemy import delete, func, select
 from typer.testing import CliRunner
 
+from tests.worker.conftest import serve_app
 from worker.cli.main import app as cli_app
 from worker.db.models import Cell, CellReview, Roi, Scan, Slide, SlideResult, SlideReview
 from worker.db.session import Database
@@ -38,23 +36,6 @@ class Served:
     db: Database
     token_name: str
     client: httpx.Client
-
-
-def _serve(app) -> tuple[str, object, threading.Thread]:
-    """Run `app` under uvicorn in a thread on a free port; return its base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server, thread
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -72,7 +53,7 @@ def served(request, tmp_path_factory) -> Iterator[Served]:
     name = f"dr-{uuid.uuid4().hex[:8]}"
     with db.transaction() as s:
         token = create_token(s, name)
-    base, server, thread = _serve(create_app(db, broker_url="redis://127.0.0.1:1/0"))
+    base, server, thread = serve_app(create_app(db, broker_url="redis://127.0.0.1:1/0"))
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
         yield Served(url, db, name, client)

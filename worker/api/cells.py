@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select
 
-from worker.db.models import Cell, Roi, Slide
+from worker.db import queries
+from worker.db.models import Cell, Slide
 
 __all__ = ["MAX_REGION_PX", "CellFilter", "SlideGone", "cell_png", "cells_statement", "region"]
 
@@ -52,25 +53,7 @@ def region(text: str, slide: Slide) -> tuple[int, int, int, int]:
 
 def cells_statement(scan_id: int, f: CellFilter) -> Select:
     """The scan's cells that pass `f`, in id order (cells overlapping the region)."""
-    stmt = (
-        select(
-            Cell.id,
-            Cell.x,
-            Cell.y,
-            Cell.w,
-            Cell.h,
-            Cell.label,
-            Cell.score,
-            Cell.detection_score,
-            Cell.suspicion,
-            Cell.attention,
-            Cell.review_rank,
-            Roi.index.label("roi_index"),
-        )
-        .join(Roi, Cell.roi_id == Roi.id)
-        .where(Cell.scan_id == scan_id)
-        .order_by(Cell.id)
-    )
+    stmt = queries.cells_statement(scan_id, Cell.id)
     if f.label is not None:
         stmt = stmt.where(Cell.label == f.label)
     if f.min_score is not None:

@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Row, delete, func, insert, or_, select, update
+from sqlalchemy import Row, Select, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from worker.db.models import SCAN_STATUSES, Cell, Roi, Scan, Slide, SlideResult, utc_now
@@ -38,6 +38,7 @@ __all__ = [
     "CELL_EXPORT_COLUMNS",
     "ScanNotFoundError",
     "cancel_scan",
+    "cells_statement",
     "clear_scan_rows",
     "create_scan",
     "fail_scan",
@@ -563,22 +564,12 @@ def resolve_scan(s: Session, ref: str) -> Scan:
     return scan
 
 
-def iter_cells(s: Session, scan_id: int, *, batch_rows: int = 2000) -> Iterator[Row[Any]]:
-    """Stream a scan's cells for export, in insertion order (stable across calls).
-
-    Rows are fetched `batch_rows` at a time (a server-side cursor on PostgreSQL), never
-    all at once. Consume the iterator inside the session's transaction.
-
-    Args:
-        scan_id: the scan's id.
-        batch_rows: rows fetched per round trip.
-
-    Yields:
-        Rows with the fields of `CELL_EXPORT_COLUMNS` (boxes in level-0 px); use
-        `row._asdict()` for a dict.
-    """
-    stmt = (
+def cells_statement(scan_id: int, *leading: Any) -> Select:
+    """A scan's cells as `CELL_EXPORT_COLUMNS`, after any `leading` columns (e.g.
+    `Cell.id`), in insertion order; callers add filters, paging or streaming."""
+    return (
         select(
+            *leading,
             Cell.x,
             Cell.y,
             Cell.w,
@@ -595,8 +586,24 @@ def iter_cells(s: Session, scan_id: int, *, batch_rows: int = 2000) -> Iterator[
         .join(Roi, Cell.roi_id == Roi.id)
         .where(Cell.scan_id == scan_id)
         .order_by(Cell.id)
-        .execution_options(yield_per=batch_rows)
     )
+
+
+def iter_cells(s: Session, scan_id: int, *, batch_rows: int = 2000) -> Iterator[Row[Any]]:
+    """Stream a scan's cells for export, in insertion order (stable across calls).
+
+    Rows are fetched `batch_rows` at a time (a server-side cursor on PostgreSQL), never
+    all at once. Consume the iterator inside the session's transaction.
+
+    Args:
+        scan_id: the scan's id.
+        batch_rows: rows fetched per round trip.
+
+    Yields:
+        Rows with the fields of `CELL_EXPORT_COLUMNS` (boxes in level-0 px); use
+        `row._asdict()` for a dict.
+    """
+    stmt = cells_statement(scan_id).execution_options(yield_per=batch_rows)
     yield from s.execute(stmt)
 
 

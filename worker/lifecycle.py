@@ -32,6 +32,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from engines.errors import PapscanError
+from worker import metrics
 from worker.db import jobs, queries
 from worker.db.session import Database
 from worker.errors import (
@@ -152,9 +153,12 @@ def run_scan(
     logger.info("scan %d: attempt %d on %s", scan_id, claim.attempt, runtime.worker)
     with runtime._lock:
         runtime.running[scan_id] = claim.attempt
+    metrics.scan_started(scan_id)
+    started = time.monotonic()
     try:
         with _LeaseKeeper(db, claim, runtime.lease_s) as lease:
             result = _stream(runtime, claim, slide, progress, lease)
+        metrics.slide_ended("done", time.monotonic() - started, result.timings_ms)
         return ScanRun(Outcome.DONE, scan_id, claim.attempt, result=result)
     except ScanSupersededError as exc:
         logger.info("scan %d: attempt %d stopped: %s", scan_id, claim.attempt, exc)
@@ -175,12 +179,14 @@ def run_scan(
                 jobs.give_up_scan(s, scan_id, sentence, attempt=claim.attempt)
         except Exception:  # the database may be what failed; the original error wins
             logger.exception("scan %d: could not record its failure", scan_id)
+        metrics.slide_ended("failed", time.monotonic() - started)
         if not isinstance(exc, Exception):
             raise
         return ScanRun(Outcome.FAILED, scan_id, claim.attempt, error=exc)
     finally:
         with runtime._lock:
             runtime.running.pop(scan_id, None)
+        metrics.scan_stopped(scan_id)
 
 
 def _stream(
@@ -197,6 +203,8 @@ def _stream(
         with db.transaction() as s:
             jobs.hold_scan(s, scan_id, attempt, runtime.lease_s)
             queries.write_chunk(s, scan_id, rois, cells)
+        metrics.lease_renewed(scan_id)
+        metrics.cells_written(len(cells))
 
     def on_progress(done: int, planned: int) -> None:
         # Runs in the scanning thread between chunks: raising here stops the scan.
@@ -217,13 +225,16 @@ def _stream(
     if slide is not None:
         outcome = pipeline.run(slide, write, on_progress, preparation)
     else:
+        opening = time.perf_counter()
         with open_slide(claim.slide_path, mpp=claim.mpp) as opened:
+            open_ms = (time.perf_counter() - opening) * 1000
             if opened.info.fingerprint != claim.fingerprint:
                 raise SlideOpenError(
                     f"{claim.slide_path} is no longer the slide submitted as scan {scan_id}"
                     " (its fingerprint changed); submit the new file."
                 )
             outcome = pipeline.run(opened, write, on_progress, preparation)
+        outcome.timings_ms["open"] = round(open_ms, 1)
     with db.transaction() as s:
         scan = jobs.hold_scan(s, scan_id, attempt)
         scan.model_versions = runtime.models.versions()  # what actually ran
@@ -275,6 +286,7 @@ class _LeaseKeeper:
             try:
                 with self._db.transaction(timeout_s=self._lease_s / 4) as s:
                     jobs.renew_lease(s, claim.scan_id, claim.attempt, self._lease_s)
+                metrics.lease_renewed(claim.scan_id)
             except ScanSupersededError as exc:
                 self._lost = exc
                 return

@@ -5,7 +5,7 @@ Everything here is in prometheus_client's default registry, which `papscan worke
 engines' Triton-style `nv_inference_*` counters (`engines.metrics`).
 
 Counted by the process that scanned (`worker.lifecycle` calls `scan_started`,
-`lease_renewed`, `cells_written` and `scan_ended`):
+`lease_renewed`, `cells_written`, `slide_ended` and `scan_stopped`):
 
 - `papscan_slides_total{outcome="done"|"failed"}`: scans this process finished or failed;
 - `papscan_cells_total`: cell rows this process wrote;
@@ -53,9 +53,11 @@ __all__ = [
     "lease_renewed",
     "metric_names",
     "outstanding_scans",
-    "scan_ended",
     "scan_started",
+    "scan_stopped",
+    "serve",
     "scans_by_status",
+    "slide_ended",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,25 +131,26 @@ def cells_written(count: int) -> None:
     CELLS.inc(count)
 
 
-def scan_ended(
-    scan_id: int,
-    outcome: str | None,
-    seconds: float | None = None,
-    stages_ms: Mapping[str, float] | None = None,
-) -> None:
-    """A scan stopped running here.
-
-    Args:
-        outcome: "done" or "failed" count in `papscan_slides_total`; None (superseded: it
-            goes on elsewhere) counts nothing.
-        seconds: its wall time, for `papscan_slide_seconds` (done or failed runs).
-        stages_ms: a done scan's time per stage in ms (`ScanOutcome.timings_ms` and
-            `open`); `total` is left out (it is the slide histogram's business).
-    """
+def scan_stopped(scan_id: int) -> None:
+    """The scan is no longer running here, however it ended (done, failed, superseded,
+    a transient error to retry)."""
     with _leases_lock:
         _leases.pop(scan_id, None)
-    if outcome is None:
-        return
+
+
+def slide_ended(
+    outcome: str, seconds: float | None = None, stages_ms: Mapping[str, float] | None = None
+) -> None:
+    """A scan run here ended done or failed (a superseded run counts nothing: the scan
+    goes on elsewhere).
+
+    Args:
+        outcome: "done" or "failed", for `papscan_slides_total`.
+        seconds: its wall time, claim to end, for `papscan_slide_seconds`; None for a
+            scan failed without a run (given up after transient errors).
+        stages_ms: a done scan's time per stage in ms (`ScanOutcome.timings_ms`), for
+            `papscan_stage_seconds`; its `total` is left out.
+    """
     SLIDES.labels(outcome).inc()
     if seconds is not None:
         SLIDE_SECONDS.observe(seconds)
@@ -323,6 +326,20 @@ def install_collectors(
         registry.register(collector)
 
 
+def serve(port: int, broker_url: str | None, db_url: str | None, *, gpu: bool) -> None:
+    """Install the scrape-time collectors and serve the default registry at
+    `http://0.0.0.0:PORT/metrics` from a daemon thread.
+
+    Raises:
+        OSError: the port cannot be bound.
+    """
+    from prometheus_client import start_http_server
+
+    install_collectors(broker_url, db_url, gpu=gpu)
+    start_http_server(port)
+    logger.info("metrics at http://0.0.0.0:%d/metrics", port)
+
+
 # --- names, for dashboards and their tests --------------------------------------------------
 
 _SCRAPE_TIME_GAUGES = (
@@ -337,11 +354,18 @@ _SCRAPE_TIME_GAUGES = (
 def metric_names() -> set[str]:
     """Every metric family and sample name a worker can expose, as they appear in
     `/metrics` (Prometheus text format): the papscan families, their `_total`, `_bucket`,
-    `_sum`, `_count` and `_created` samples, and the engines' `nv_inference_*` names
-    (counters with and without `_total`)."""
+    `_sum`, `_count` and `_created` samples, the engines' `nv_inference_*` names
+    (counters with and without `_total`), and prometheus_client's own `process_*` and
+    `python_*` (on Linux)."""
+    from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
+
     from engines.metrics import COUNTERS, PENDING_GAUGE
 
     names: set[str] = set(_SCRAPE_TIME_GAUGES) | {PENDING_GAUGE}
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        for family in collector.collect():
+            names.add(family.name)
+            names |= {sample.name for sample in family.samples}
     for name in COUNTERS:
         names |= {name, f"{name}_total"}
     for metric in (SLIDES, CELLS, SLIDE_SECONDS, STAGE_SECONDS, RUNNING_SCANS, LEASE_AGE):

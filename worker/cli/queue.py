@@ -48,16 +48,16 @@ class Priority(StrEnum):
     routine = "routine"
 
 
-def _serve_metrics(port: int) -> None:
-    """Serves the process's Prometheus registry (where `engines.metrics.METRICS` is) on
-    `port`, from a daemon thread; one sentence if the port is taken."""
-    from prometheus_client import start_http_server
+def _serve_metrics(port: int, settings) -> None:
+    """Serves the process's Prometheus registry (the engines' `nv_inference_*`, the
+    worker's `papscan_*`, the queue's and database's gauges) on `port`, from a daemon
+    thread; one sentence if the port is taken."""
+    from worker.metrics import serve
 
     try:
-        start_http_server(port)
+        serve(port, settings.broker_url, settings.db_url, gpu=True)
     except OSError as exc:
         fail(f"cannot serve metrics on port {port} ({exc.strerror or exc})")
-    logger.info("metrics at http://0.0.0.0:%d/metrics", port)
 
 
 def _settings(db: str | None = None, models: Path | None = None):
@@ -114,8 +114,8 @@ def worker(
             envvar="PAPSCAN_METRICS_PORT",
             min=0,
             max=65535,
-            help="Serve the engines' Triton-style metrics for Prometheus at "
-            "http://HOST:PORT/metrics; 0 serves none.",
+            help="Serve Prometheus metrics (scans, stages, queue depth, the engines' "
+            "Triton-style counters) at http://HOST:PORT/metrics; 0 serves none.",
         ),
     ] = 0,
 ) -> None:
@@ -169,7 +169,7 @@ def worker(
     )
 
     if metrics_port:
-        _serve_metrics(metrics_port)
+        _serve_metrics(metrics_port, settings)
     start = time.perf_counter()
     runtime = load_runtime(node, settings)  # loaded and warmed up before taking any job
     logger.info(

@@ -1,6 +1,6 @@
 """`papscan serve` (the REST API under uvicorn) and `papscan token create|list|revoke`.
 
-papscan serve [--host 127.0.0.1] [--port 8000] [--db URL]
+papscan serve [--host 127.0.0.1] [--port 8000] [--db URL] [--metrics-port 9400]
 papscan token create NAME     # prints the token once; only its sha256 is stored
 papscan token list            # names and dates, never tokens
 papscan token revoke NAME
@@ -43,13 +43,35 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     db: DbOption = None,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            envvar="PAPSCAN_METRICS_PORT",
+            min=0,
+            max=65535,
+            help="Also serve Prometheus metrics (queue depth, scans by status, the "
+            "autoscaling number) at http://0.0.0.0:PORT/metrics, without a token, on this "
+            "separate port; 0 serves none.",
+        ),
+    ] = 0,
 ) -> None:
     """Serve the REST API (worklist, scans, cells, cell images, queue); needs a token."""
     import uvicorn
 
     from worker.api import create_app
+    from worker.settings import get_settings
 
     with _database(db) as database:
+        if metrics_port:
+            from worker.metrics import serve as serve_metrics
+
+            if metrics_port == port:
+                fail(f"--metrics-port must differ from --port ({port})")
+            try:
+                url = database.url.render_as_string(hide_password=False)
+                serve_metrics(metrics_port, get_settings().broker_url, url, gpu=False)
+            except OSError as exc:
+                fail(f"cannot serve metrics on port {metrics_port} ({exc.strerror or exc})")
         uvicorn.run(create_app(database), host=host, port=port, log_level="info")
 
 

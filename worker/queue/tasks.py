@@ -37,11 +37,13 @@ from contextlib import contextmanager
 from celery.signals import worker_ready, worker_shutdown
 from celery.utils.time import get_exponential_backoff_interval
 
+from worker import metrics
 from worker.db import jobs
 from worker.db.session import Database
 from worker.errors import TransientError
 from worker.lifecycle import Outcome, ScanRuntime, run_scan
 from worker.queue.app import SCAN_TASK, app
+from worker.queue.pod_cost import pod_cost
 from worker.queue.reaper import LeaseReaper
 from worker.settings import Settings, get_settings
 
@@ -102,7 +104,8 @@ def scan_slide(self, scan_id: int) -> str:
     """
     settings = get_settings()
     runtime = load_runtime(self.request.hostname or "worker", settings)
-    with hard_limit(runtime, scan_id, settings.scan_hard_limit_s):
+    # A pod with a job in hand is the last a scale-in picks (no-op outside Kubernetes).
+    with pod_cost().busy(), hard_limit(runtime, scan_id, settings.scan_hard_limit_s):
         try:
             return run_scan(runtime, scan_id).outcome.value
         except TransientError as exc:
@@ -130,9 +133,12 @@ def _give_up(runtime: ScanRuntime, scan_id: int, retries: int, exc: Exception) -
     logger.error("scan %d: %s", scan_id, sentence)
     try:
         with runtime.db.transaction() as s:
-            jobs.give_up_scan(s, scan_id, sentence)
+            failed = jobs.give_up_scan(s, scan_id, sentence)
     except TransientError:
         logger.error("scan %d: could not record the failure either; it stays queued", scan_id)
+    else:
+        if failed:
+            metrics.slide_ended("failed")
     return Outcome.FAILED
 
 
@@ -189,6 +195,12 @@ def _start_reaper(sender=None, **kwargs) -> None:
     settings = get_settings()
     _reaper = LeaseReaper(Database(settings.db_url), settings.reaper_interval_s)
     _reaper.start()
+
+
+@worker_ready.connect
+def _mark_pod_idle(sender=None, **kwargs) -> None:
+    """A restarted container's pod may still carry its old busy deletion cost."""
+    pod_cost().idle()
 
 
 @worker_shutdown.connect

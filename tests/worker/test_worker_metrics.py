@@ -23,6 +23,7 @@ from tests.worker.conftest import (
     set_pg_connections,
     wait_for,
 )
+from tests.worker.test_distributed import corrupt_middle_tile
 from train.synth import write_synthetic_slide
 from worker import metrics
 from worker.db.models import Scan, utc_now
@@ -108,6 +109,18 @@ def test_a_worker_serves_what_it_scanned(cluster: Cluster, tmp_path: Path) -> No
     assert served <= metrics.metric_names()
     papscan = {n for n in metrics.metric_names() if n.startswith("papscan_")}
     assert papscan - served == {"papscan_gpu_memory_used_bytes"}
+
+    # A slide that fails while read counts as failed; its stages are not observed.
+    broken = corrupt_middle_tile(slide, tmp_path / "broken.tiff")
+    broken_id = cluster.submit(str(broken), "--force")["queued"][0]["scan_id"]
+    assert cluster.wait_scans_end([broken_id])[broken_id].status == "failed"
+    failed = scrape(port)
+    assert failed['papscan_slides_total{outcome="failed"}'] == 1
+    assert failed['papscan_slides_total{outcome="done"}'] == 1
+    assert failed["papscan_slide_seconds_count"] == 2
+    assert failed['papscan_stage_seconds_count{stage="plan"}'] == 1
+    assert failed['papscan_scans{status="failed"}'] == 1
+    assert failed["papscan_running_scans"] == 0
 
 
 def _seed(db: Database, status: str, *, lease_expired: bool = False) -> int:

@@ -243,6 +243,47 @@ def test_cell_image_is_a_png_cut_from_the_slide(served: Served) -> None:
     _one_sentence(served.client.get(f"/api/scans/{served.scan_id}/cells/987654321/image"), 404)
 
 
+# --- DeepZoom tiles ----------------------------------------------------------------------
+
+
+def test_deepzoom_pyramid_and_tiles(served: Served) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from worker.db.models import Scan, Slide
+    from worker.wsi.slide import open_slide
+
+    base = f"/api/scans/{served.scan_id}/deepzoom"
+    info = served.client.get(base).json()
+    assert (info["width"], info["height"], info["tile_size"], info["overlap"]) == (
+        2048,
+        2048,
+        254,
+        1,
+    )
+    top = info["levels"] - 1  # 2048 px: levels 0 (1 px) .. 11 (2048 px)
+    assert top == 11
+    r = served.client.get(f"{base}/{top}/0_0.jpeg")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    tile = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=np.int16)
+    assert tile.shape == (255, 255, 3)  # 254 + the overlap on the far sides only
+    with served.db.session() as s:
+        path = s.get(Slide, s.get(Scan, served.scan_id).slide_id).path
+    with open_slide(path) as slide:
+        truth = slide.read_region((0, 0), 0, (255, 255)).astype(np.int16)
+    assert np.abs(tile - truth).mean() < 4  # level 0 of the slide, as JPEG keeps it
+    assert Image.open(io.BytesIO(served.client.get(f"{base}/0/0_0.jpeg").content)).size == (1, 1)
+
+
+def test_deepzoom_bad_addresses_are_404(served: Served) -> None:
+    base = f"/api/scans/{served.scan_id}/deepzoom"
+    for address in ("12/0_0.jpeg", "11/9_0.jpeg", "11/0_9.jpeg", "11/0_0.png", "11/a_b.jpeg",
+                    "11/0_0", "11/..%2F..%2Fetc%2Fpasswd"):  # fmt: skip
+        _one_sentence(served.client.get(f"{base}/{address}"), 404)
+    _one_sentence(served.client.get("/api/scans/987654/deepzoom"), 404)
+    _one_sentence(served.client.get(f"{base}/x/0_0.jpeg"), 422)
+
+
 # --- queue ------------------------------------------------------------------------------
 
 

@@ -3,17 +3,24 @@
 `/docs` and `/redoc` are off (FastAPI's pages load their scripts from a CDN); the
 OpenAPI schema is at `/openapi.json`, behind the token like everything else. No CORS
 middleware: browsers on other origins are refused by default.
+
+The review page (`/review/`) is static HTML, CSS and JavaScript shipped in the package
+and holds no patient data: it asks for a token, keeps it in the tab's session storage and
+sends it as a bearer token with every API call, so the page's data is guarded by the same
+check as any other client's (and, with no cookies, cross-site requests carry nothing).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker.api.tokens import token_is_valid
@@ -35,6 +42,9 @@ def create_app(db: Database, *, broker_url: str | None = None) -> FastAPI:
     """Build the API over `db`; `broker_url` (default: settings) feeds `/api/queue`."""
     from worker.api.reviews import router as review_router
     from worker.api.routes import router
+    from worker.api.slide_files import OpenSlides
+    from worker.api.tiles import TileCache
+    from worker.api.tiles import router as tile_router
 
     def require_token(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -56,8 +66,12 @@ def create_app(db: Database, *, broker_url: str | None = None) -> FastAPI:
     )
     app.state.db = db
     app.state.broker_url = broker_url
+    app.state.open_slides = OpenSlides()
+    app.state.tile_cache = TileCache()
     app.include_router(router)
     app.include_router(review_router)
+    app.include_router(tile_router)
+    _serve_review_page(app)
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi() -> dict[str, Any]:
@@ -65,6 +79,31 @@ def create_app(db: Database, *, broker_url: str | None = None) -> FastAPI:
 
     _handle_errors(app)
     return app
+
+
+REVIEW_PAGE = Path(__file__).with_name("review")
+
+#: Only this origin's scripts, styles and images (tiles and crops arrive as blobs).
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _serve_review_page(app: FastAPI) -> None:
+    """`/review/` serves the page's files; `/` leads there. Mounted and added as plain
+    routes, so the token dependency does not apply: the files are the same for everyone."""
+    app.mount("/review", StaticFiles(directory=REVIEW_PAGE, html=True), name="review")
+    app.router.add_route("/", lambda request: RedirectResponse("/review/"), include_in_schema=False)
+
+    @app.middleware("http")
+    async def page_headers(request: Request, call_next):
+        response = await call_next(request)
+        if request.url.path.startswith("/review"):
+            response.headers.update(_PAGE_HEADERS)
+        return response
 
 
 def _error_model() -> type:

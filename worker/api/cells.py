@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Select
 
+from worker.api.slide_files import OpenSlides, SlideGone
 from worker.db import queries
 from worker.db.models import Cell, Slide
 
@@ -15,10 +15,6 @@ __all__ = ["MAX_REGION_PX", "CellFilter", "SlideGone", "cell_png", "cells_statem
 
 #: A region may be at most this many level-0 px a side.
 MAX_REGION_PX = 100_000
-
-
-class SlideGone(Exception):
-    """The scanned slide file cannot serve images (gone, changed or unreadable)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,28 +64,22 @@ def cells_statement(scan_id: int, f: CellFilter) -> Select:
     return stmt
 
 
-def cell_png(slide: Slide, cell: Any, field_um: float) -> bytes:
+def cell_png(slide: Slide, cell: Any, field_um: float, slides: OpenSlides | None = None) -> bytes:
     """The cell's field (`field_um` a side, level 0) with its box drawn, as PNG.
 
     The slide is read at the path the database records, and only if its fingerprint is
-    still the scanned slide's.
+    still the scanned slide's; `slides` keeps it open for the next request.
 
     Raises:
         SlideGone: the file is gone, changed, or cannot be read.
     """
     from worker.db.report import _tile
-    from worker.errors import SlideOpenError, SlideReadError
-    from worker.wsi.slide import open_slide
+    from worker.errors import SlideReadError
 
-    path = Path(slide.path)
-    if not path.is_file():
-        raise SlideGone("the slide file of this scan is no longer where it was scanned.")
+    opened = (slides or OpenSlides(size=1)).get(slide)
+    fw = max(1, round(field_um / slide.mpp_x))
+    fh = max(1, round(field_um / slide.mpp_y))
     try:
-        with open_slide(path, mpp=(slide.mpp_x + slide.mpp_y) / 2) as opened:
-            if opened.info.fingerprint != slide.fingerprint:
-                raise SlideGone("the file where this scan's slide was is another slide now.")
-            fw = max(1, round(field_um / slide.mpp_x))
-            fh = max(1, round(field_um / slide.mpp_y))
-            return _tile(opened, cell, fw, fh).png
-    except (SlideOpenError, SlideReadError, OSError):
+        return _tile(opened.slide, cell, fw, fh).png
+    except (SlideReadError, OSError):
         raise SlideGone("the slide file of this scan cannot be read.") from None

@@ -135,10 +135,29 @@ def cell_image(
             raise HTTPException(404, f"Scan {scan_id} has no cell {cell_id}.")
         slide = s.get(Slide, scan.slide_id)
     try:
-        png = cell_queries.cell_png(slide, cell, FIELD_UM)
+        png = cell_queries.cell_png(slide, cell, FIELD_UM, request.app.state.open_slides)
     except cell_queries.SlideGone as exc:
         raise HTTPException(410, str(exc)[:1].upper() + str(exc)[1:]) from None
     return Response(png, media_type="image/png")
+
+
+@router.get("/vocabulary")
+def vocabulary() -> dict[str, Any]:
+    """The words results use, for clients' menus: cell classes from least to most severe
+    with their fixed display colours (those of the GeoJSON export and the report), slide
+    categories, scan statuses and adequacies."""
+    from worker.db.export import CLASS_ORDER, class_colour
+    from worker.db.worklist import ADEQUACIES, CATEGORIES
+
+    return {
+        "cell_classes": [
+            {"name": name, "colour": "#{:02x}{:02x}{:02x}".format(*class_colour(name))}
+            for name in CLASS_ORDER
+        ],
+        "categories": list(CATEGORIES),
+        "statuses": list(SCAN_STATUSES),
+        "adequacies": list(ADEQUACIES),
+    }
 
 
 @router.get("/queue")

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-__all__ = ["CellPage", "CellRow", "Error", "WorklistRow"]
+__all__ = ["CellPage", "CellRow", "DeepZoomInfo", "Error", "WorklistRow"]
 
 
 class Error(BaseModel):
@@ -60,3 +60,16 @@ class CellPage(BaseModel):
     limit: int
     next_offset: int | None
     cells: list[CellRow]
+
+
+class DeepZoomInfo(BaseModel):
+    """A slide's DeepZoom pyramid; level `levels - 1` is level 0 of the slide."""
+
+    width: int
+    height: int
+    tile_size: int
+    overlap: int
+    format: str
+    levels: int
+    mpp: float
+    tiles: str

@@ -1,0 +1,58 @@
+// The morning worklist: slides needing a person first (failed and unsatisfactory, then by
+// suspicion), as the API ranks them; a row opens the slide.
+import { categoryClass, element, getJson, percent, showError, signedIn } from "./api.js";
+
+const form = document.getElementById("filters");
+const body = document.querySelector("#worklist tbody");
+
+const fileName = (path) => path.split(/[\\/]/).pop();
+
+function row(item, rank) {
+  const href = `slide.html?scan=${item.scan_id}`;
+  const open = () => { location.href = href; };
+  const tr = element(
+    "tr",
+    { className: `status-${item.status}`, tabIndex: 0, dataset: { scan: item.scan_id } },
+    element("td", { className: "num" }, String(rank)),
+    element("td", {}, element("a", { href, title: item.slide_path }, item.barcode || fileName(item.slide_path))),
+    element("td", {}, item.category ? element("span", { className: `badge ${categoryClass(item.category)}` }, item.category) : "–"),
+    element("td", { className: "num" }, percent(item.score)),
+    element("td", { className: item.adequacy === "unsatisfactory" ? "warn" : "" }, item.adequacy ?? "–"),
+    element(
+      "td",
+      { className: item.qc_flags.length ? "warn" : "", title: item.qc_flags.join("\n") },
+      item.qc_flags.length ? `⚠ ${item.qc_flags.length}` : "–",
+    ),
+    element("td", { title: item.error ?? "" }, item.status),
+    element("td", {}, item.finished_at ? new Date(item.finished_at).toLocaleString() : "–"),
+    element("td", {}, item.reviewed ? "✓" : ""),
+  );
+  tr.addEventListener("click", (event) => { if (event.target.tagName !== "A") open(); });
+  tr.addEventListener("keydown", (event) => { if (event.key === "Enter") open(); });
+  return tr;
+}
+
+async function load() {
+  const params = new URLSearchParams();
+  for (const [key, value] of new FormData(form)) if (value) params.append(key, value);
+  history.replaceState(null, "", params.size ? `?${params}` : location.pathname);
+  const items = await getJson(`/api/worklist?${params}`);
+  body.replaceChildren(...items.map((item, i) => row(item, i + 1)));
+  const open = items.filter((item) => !item.reviewed && item.status === "done").length;
+  document.getElementById("summary").textContent =
+    `${items.length} slide${items.length === 1 ? "" : "s"}; ${open} done and not reviewed.`;
+  document.body.dataset.loaded = "worklist";
+}
+
+async function start() {
+  const words = await getJson("/api/vocabulary");
+  for (const [name, values] of [["status", words.statuses], ["category", words.categories]]) {
+    form.elements[name].append(...values.map((v) => element("option", { value: v }, v)));
+  }
+  const wanted = new URLSearchParams(location.search);
+  for (const [key, value] of wanted) if (form.elements[key]) form.elements[key].value = value;
+  form.addEventListener("change", () => load().catch(showError));
+  await load();
+}
+
+signedIn(start).catch(showError);

@@ -68,6 +68,7 @@ function summary(scan) {
       ...row("Preparation", scan.preparation ?? scan.slide_preparation ?? "–"),
       ...row("Models", Object.entries(scan.model_versions).map(([m, v]) => `${m} v${v}`).join(", ") || "–"),
       ...row("Finished", scan.finished_at ? new Date(scan.finished_at).toLocaleString() : "–"),
+      ...(scan.notes.length ? row("Notes", element("ul", { className: "notes" }, ...scan.notes.map((n) => element("li", {}, n)))) : []),
     ),
     element(
       "table", { className: "counts" },

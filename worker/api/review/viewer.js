@@ -6,6 +6,7 @@
 const MAX_TILES = 800; // bitmaps kept (256 px each: about 200 MB of decoded pixels at most)
 const MAX_LOADING = 8; // tile requests in flight
 const COARSER_LEVELS = 4; // fallback levels drawn under a missing tile
+const MAX_ZOOM = 4; // screen pixels per level-0 pixel at the closest
 
 export class Viewer {
   constructor(container, info, fetchTile) {
@@ -60,7 +61,7 @@ export class Viewer {
   }
 
   setView(x, y, scale) {
-    this.scale = Math.min(Math.max(scale, this.minScale), 8 * (window.devicePixelRatio || 1));
+    this.scale = Math.min(Math.max(scale, this.minScale), MAX_ZOOM * (window.devicePixelRatio || 1));
     this.center = {
       x: Math.min(Math.max(x, 0), this.info.width),
       y: Math.min(Math.max(y, 0), this.info.height),
@@ -71,7 +72,7 @@ export class Viewer {
 
   zoomAt(factor, px, py) {
     const before = this.toSlide(px, py);
-    const scale = Math.min(Math.max(this.scale * factor, this.minScale), 8 * (window.devicePixelRatio || 1));
+    const scale = Math.min(Math.max(this.scale * factor, this.minScale), MAX_ZOOM * (window.devicePixelRatio || 1));
     // Keep the slide point under the pointer where it is.
     const x = before.x - (px - this.canvas.width / 2) / scale;
     const y = before.y - (py - this.canvas.height / 2) / scale;
@@ -176,7 +177,6 @@ export class Viewer {
     const c1 = Math.min(cols - 1, Math.floor((v.x + v.w) / down / size));
     const r0 = Math.max(0, Math.floor(v.y / down / size));
     const r1 = Math.min(rows - 1, Math.floor((v.y + v.h) / down / size));
-    const s = this.scale * down;
     const missing = [];
     let drawn = 0;
     for (let r = r0; r <= r1; r++) {
@@ -185,15 +185,17 @@ export class Viewer {
         const tile = this.tiles.get(key);
         if (tile?.bitmap) {
           tile.used = performance.now();
-          const x = (c * size - (c ? overlap : 0)) * down;
-          const y = (r * size - (r ? overlap : 0)) * down;
-          this.ctx.drawImage(
-            tile.bitmap,
-            (x - v.x) * this.scale,
-            (y - v.y) * this.scale,
-            tile.bitmap.width * s,
-            tile.bitmap.height * s,
-          );
+          // The tile without its overlap, drawn edge to edge on whole device pixels, so
+          // neighbours meet without seams.
+          const sx = c ? overlap : 0;
+          const sy = r ? overlap : 0;
+          const sw = Math.min(size, tile.bitmap.width - sx);
+          const sh = Math.min(size, tile.bitmap.height - sy);
+          const x0 = Math.round((c * size * down - v.x) * this.scale);
+          const y0 = Math.round((r * size * down - v.y) * this.scale);
+          const x1 = Math.round(((c * size + sw) * down - v.x) * this.scale);
+          const y1 = Math.round(((r * size + sh) * down - v.y) * this.scale);
+          this.ctx.drawImage(tile.bitmap, sx, sy, sw, sh, x0, y0, x1 - x0, y1 - y0);
           drawn++;
         } else if (want && !tile) {
           missing.push({ key, level, c, r, d: Math.hypot(c - (c0 + c1) / 2, r - (r0 + r1) / 2) });

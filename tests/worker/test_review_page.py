@@ -112,12 +112,16 @@ def test_a_cytologist_reviews_a_slide(served: Page, browser, tmp_path: Path) -> 
     first = cards.first
     cell_id = int(first.get_attribute("data-cell"))
     first.locator("img").click()
-    page.wait_for_timeout(700)  # the 400 ms flight
+    cell = _cell(served, cell_id)
+    page.wait_for_function(  # the 400 ms flight has landed
+        "([x, y]) => { const v = window.papscanViewer;"
+        " return Math.hypot(v.center.x - x, v.center.y - y) < 2; }",
+        arg=[cell.x + cell.w / 2, cell.y + cell.h / 2],
+    )
     view = page.evaluate(
         "() => { const v = window.papscanViewer;"
         " return {x: v.center.x, y: v.center.y, scale: v.scale, selected: v.selected}; }"
     )
-    cell = _cell(served, cell_id)
     assert view["selected"] == cell_id
     assert abs(view["x"] - (cell.x + cell.w / 2)) < 2 and abs(view["y"] - (cell.y + cell.h / 2)) < 2
     assert view["scale"] > 4 * home_scale
@@ -146,14 +150,18 @@ def test_a_cytologist_reviews_a_slide(served: Page, browser, tmp_path: Path) -> 
     page.goto(f"{served.base}/review/slide.html?scan={served.scan_id}")
     page.wait_for_selector("body[data-loaded=slide]")
     page.locator(".cell-card img").first.click()
-    page.wait_for_timeout(900)
-    page.wait_for_function("() => window.papscanViewer.loading === 0")
+    page.wait_for_function(
+        "([x, y]) => { const v = window.papscanViewer;"
+        " return Math.hypot(v.center.x - x, v.center.y - y) < 2 && v.loading === 0; }",
+        arg=[cell.x + cell.w / 2, cell.y + cell.h / 2],
+    )
+    page.wait_for_timeout(300)  # the last tiles drawn
     shot = tmp_path / "review-page.png"
     page.screenshot(path=shot)
     assert shot.stat().st_size > 50_000 and canvas.is_visible()
     if os.environ.get("PAPSCAN_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["PAPSCAN_SCREENSHOT"])
-    assert problems == []
+    assert problems == [], problems
 
 
 def test_the_page_files_need_no_token_and_carry_a_strict_policy(served: Page) -> None:

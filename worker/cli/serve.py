@@ -55,7 +55,8 @@ def serve(
         ),
     ] = 0,
 ) -> None:
-    """Serve the REST API (worklist, scans, cells, cell images, queue); needs a token."""
+    """Serve the REST API and the review page (worklist, scans, cells, tiles, reviews);
+    every API call needs a token."""
     import uvicorn
 
     from worker.api import create_app
@@ -72,6 +73,11 @@ def serve(
                 serve_metrics(metrics_port, get_settings().broker_url, url, gpu=False)
             except OSError as exc:
                 fail(f"cannot serve metrics on port {metrics_port} ({exc.strerror or exc})")
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        typer.echo(
+            f"papscan: review page at http://{shown}:{port}/ (sign in with a token from "
+            "`papscan token create YOUR-NAME`)"
+        )
         uvicorn.run(create_app(database), host=host, port=port, log_level="info")
 
 

@@ -120,7 +120,7 @@ def _count(db: Database, model: type, scan_id: int) -> int:
 
 
 def test_schema_is_created_by_the_migration(db: Database) -> None:
-    assert db.current_revision() == Database.head_revision() == "0006"
+    assert db.current_revision() == Database.head_revision() == "0007"
     db.create_schema()  # an up-to-date schema is left alone
     names = set(inspect(db.engine).get_table_names())
     assert names == TABLES | {"alembic_version"}
@@ -129,6 +129,7 @@ def test_schema_is_created_by_the_migration(db: Database) -> None:
         "ix_cells_scan_id_review_rank",
         "ix_cells_scan_id_suspicion",
         "ix_cells_scan_id_label_x_y",
+        "ix_cells_scan_id_id",
         "ix_cells_roi_id",
     } <= cell_indexes
     assert {ix["name"] for ix in inspect(db.engine).get_indexes("slide_results")} == {
@@ -142,6 +143,71 @@ def test_orm_metadata_matches_the_migration(db: Database) -> None:
         diffs = compare_metadata(context, Base.metadata)
     assert diffs == []
     assert set(Base.metadata.tables) == TABLES
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of this test's own (no schema), on SQLite or PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import PG_URL, postgres_missing
+
+    admin = make_url(PG_URL).set(drivername="postgresql").render_as_string(hide_password=False)
+    name = f"papscan_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        postgres_missing(exc)
+    try:
+        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_migration_0007_fills_qc_flags_from_qc_and_goes_back(empty_url: str) -> None:
+    from alembic import command
+
+    from worker.db.session import alembic_config
+
+    db = Database(empty_url)
+    with db.engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0006")
+        conn.execute(
+            text(
+                "INSERT INTO slides (id, fingerprint, path, vendor, width, height, mpp_x, mpp_y)"
+                " VALUES (1, 'f', '/s.svs', 'aperio', 10, 10, 0.5, 0.5)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO scans (id, slide_id, status, priority, model_versions, rois_done)"
+                " VALUES (1, 1, 'done', 'routine', '{}', 0), (2, 1, 'done', 'routine', '{}', 0)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO slide_results (scan_id, category, score, cell_count, roi_count,"
+                " class_counts, qc) VALUES"
+                " (1, 'NILM', 0.1, 1, 1, '{}', :qc), (2, 'NILM', 0.1, 1, 1, '{}', NULL)"
+            ),
+            {"qc": '{"flags": ["focus", "colour"], "roi_sharpness": [1.5, 2.5]}'},
+        )
+    db.create_schema()
+    with db.session() as s:
+        flags = dict(s.execute(select(SlideResult.scan_id, SlideResult.qc_flags)).all())
+    assert flags == {1: ["focus", "colour"], 2: None}
+    assert "ix_cells_scan_id_id" in {ix["name"] for ix in inspect(db.engine).get_indexes("cells")}
+    with db.engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0006")
+    columns = {c["name"] for c in inspect(db.engine).get_columns("slide_results")}
+    assert "qc_flags" not in columns and "qc" in columns
+    db.dispose()
 
 
 def test_sqlite_runs_in_wal_with_foreign_keys_and_makes_its_folder(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 
 __all__ = ["SCAN_STATUSES", "Base", "Cell", "Roi", "Scan", "Slide", "SlideResult"]
 
@@ -158,9 +158,11 @@ class Cell(Base):
     """One detected, classified cell; its box is centred on the detected nucleus.
 
     Indexes serve: the review cells of a scan (`review_rank`, a small partial index),
-    the most suspicious cells of a scan, every cell of a class in a region, and the
-    cascade from `rois` (without an index on `roi_id`, PostgreSQL scans the whole table
-    once per deleted ROI).
+    the most suspicious cells of a scan, every cell of a class in a region, a scan's
+    cells in id order (the API's pages and the exports; without `(scan_id, id)`
+    PostgreSQL walks the primary key over every scan's cells), and the cascade from
+    `rois` (without an index on `roi_id`, PostgreSQL scans the whole table once per
+    deleted ROI).
     """
 
     __tablename__ = "cells"
@@ -174,6 +176,7 @@ class Cell(Base):
         ),
         Index(None, "scan_id", "suspicion"),
         Index(None, "scan_id", "label", "x", "y"),
+        Index(None, "scan_id", "id"),
         Index(None, "roi_id"),
     )
 
@@ -220,7 +223,16 @@ class SlideResult(Base):
     operating_point: Mapped[str | None] = mapped_column(String(64))
     notes: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     qc: Mapped[dict[str, Any] | None]
+    qc_flags: Mapped[list[str] | None] = mapped_column(
+        JSON(none_as_null=True), doc='`qc["flags"]`, apart: the worklist reads only these'
+    )
     evidence: Mapped[dict[str, Any] | None]
+
+    @validates("qc")
+    def _set_qc_flags(self, key: str, qc: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Setting `qc` sets `qc_flags` too, so every writer keeps the two in step."""
+        self.qc_flags = list(qc.get("flags") or []) if qc else None
+        return qc
 
 
 class ApiToken(Base):

@@ -91,8 +91,9 @@ def worklist_statement(f: WorklistFilter = WorklistFilter()) -> Select:
     """The worklist as one SELECT whose rows carry `WORKLIST_COLUMNS`.
 
     An inner query ranks, filters and limits narrow rows (ids and sort keys); the outer
-    one reads the chosen rows' columns by primary key, so the QC flags are taken out of
-    their JSON only for rows that are shown (PostgreSQL parses `json` on every read).
+    one reads the chosen rows' columns by primary key. The QC flags come from their own
+    column (`qc_flags`), never out of the whole QC JSON, which PostgreSQL would parse
+    for every row shown (a sharpness per ROI: kilobytes a slide).
     """
     newest = (
         select(Scan.slide_id, func.max(Scan.id).label("scan_id"))
@@ -137,7 +138,7 @@ def worklist_statement(f: WorklistFilter = WorklistFilter()) -> Select:
             SlideResult.category,
             SlideResult.score,
             SlideResult.adequacy,
-            SlideResult.qc["flags"].label("qc_flags"),  # not the whole QC (per-ROI lists)
+            SlideResult.qc_flags,  # not the whole QC (per-ROI lists)
             Scan.status,
             Scan.error,
             Scan.created_at,

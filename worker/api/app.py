@@ -40,6 +40,7 @@ class Unauthorized(Exception):
 
 def create_app(db: Database, *, broker_url: str | None = None) -> FastAPI:
     """Build the API over `db`; `broker_url` (default: settings) feeds `/api/queue`."""
+    from worker.api.explain import router as why_router
     from worker.api.reviews import router as review_router
     from worker.api.routes import router
     from worker.api.slide_files import OpenSlides
@@ -71,6 +72,7 @@ def create_app(db: Database, *, broker_url: str | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(review_router)
     app.include_router(tile_router)
+    app.include_router(why_router)
     _serve_review_page(app)
 
     @app.get("/openapi.json", include_in_schema=False)

@@ -24,8 +24,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Row, Select, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Integer,
+    Row,
+    Select,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.functions import FunctionElement
 
 from worker.db.models import SCAN_STATUSES, Cell, Roi, Scan, Slide, SlideResult, utc_now
 from worker.errors import ScanNotFoundError
@@ -564,9 +577,37 @@ def resolve_scan(s: Session, ref: str) -> Scan:
     return scan
 
 
+class _scan_ids(FunctionElement):
+    """A scan id to compare `cells.scan_id` with: `:scan_id`, on PostgreSQL
+    `ANY(ARRAY[:scan_id])`.
+
+    Ordered by `(scan_id, id)` after a plain `scan_id = s`, PostgreSQL drops `scan_id`
+    from the order (it is a constant) and, under a LIMIT or a cursor, may walk the
+    primary key through every scan's cells looking for this one's, trusting them to be
+    spread evenly over the table; they lie together, the newest at its end (a filter
+    on `score` alone over 1,000,000 cells: 63 ms instead of 9). Matched through an array,
+    `scan_id` stays in the order, which only `ix_cells_scan_id_id` gives.
+    """
+
+    type = Integer()
+    inherit_cache = True
+    name = "scan_ids"
+
+
+@compiles(_scan_ids)
+def _scan_ids_default(element: _scan_ids, compiler: Any, **kw: Any) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+@compiles(_scan_ids, "postgresql")
+def _scan_ids_postgresql(element: _scan_ids, compiler: Any, **kw: Any) -> str:
+    return f"ANY(ARRAY[{compiler.process(element.clauses, **kw)}])"
+
+
 def cells_statement(scan_id: int, *leading: Any) -> Select:
     """A scan's cells as `CELL_EXPORT_COLUMNS`, after any `leading` columns (e.g.
-    `Cell.id`), in insertion order; callers add filters, paging or streaming."""
+    `Cell.id`), in insertion order (`(scan_id, id)`, from its index: see `_scan_ids`);
+    callers add filters, paging or streaming."""
     return (
         select(
             *leading,
@@ -584,8 +625,8 @@ def cells_statement(scan_id: int, *leading: Any) -> Select:
             Roi.index.label("roi_index"),
         )
         .join(Roi, Cell.roi_id == Roi.id)
-        .where(Cell.scan_id == scan_id)
-        .order_by(Cell.id)
+        .where(Cell.scan_id == _scan_ids(literal(scan_id, Integer)))
+        .order_by(Cell.scan_id, Cell.id)
     )
 
 

@@ -30,10 +30,10 @@ and fetched, with the same parameters; the ratio API p95 / SQL p95 is the API's 
 the SQL as it ran before migration 0007: the cells matched by `scan_id = s` and ordered by
 `id`, without the index on `(scan_id, id)` (dropped inside a transaction that is rolled
 back); the worklist with its QC flags read out of each slide's whole QC JSON
-(`qc -> 'flags'`) instead of `qc_flags`. QC holds a sharpness
-per ROI, here 1,000 (a 20,480 px square slide has 1,756 ROIs).
-`--explain` prints each query's EXPLAIN ANALYZE. `--quick`: 1,000 slides, 100,000 cells,
-10 repeats. Exits non-zero only on an error, never on a missed target.
+(`qc -> 'flags'`) instead of `qc_flags`. QC holds a sharpness per ROI, here 1,000 (a
+20,480 px square slide has 1,756 ROIs). `--explain` prints each query's EXPLAIN ANALYZE.
+`--quick`: 1,000 slides, 100,000 cells, 10 repeats. Exits non-zero only on an error,
+never on a missed target.
 """
 
 from __future__ import annotations
@@ -1031,7 +1031,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--slides", type=int, default=10_000)
     parser.add_argument("--cells", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=40, help="timed requests per query")

@@ -139,6 +139,7 @@ def test_worklist(served: Served) -> None:
         ids = [x["scan_id"] for x in served.client.get("/api/worklist", params={key: value}).json()]
         assert served.scan_id not in ids, (key, value)
     assert len(served.client.get("/api/worklist", params={"limit": 1}).json()) == 1
+    assert served.client.get("/api/worklist", params={"offset": 1}).json() == []
 
 
 def test_worklist_bad_filters_are_422(served: Served) -> None:

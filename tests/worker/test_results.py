@@ -166,6 +166,9 @@ FILTERS = {
     "adequacy satisfactory": (dict(adequacy="satisfactory"), ["hsil", "lsil", "nilm"]),
     "limit 3": (dict(limit=3), ["unsat", "failed", "hsil"]),
     "limit with a filter": (dict(status="done", limit=2), ["unsat", "hsil"]),
+    "the second page": (dict(limit=2, offset=2), RANKED[2:4]),
+    "a page past the end": (dict(limit=2, offset=len(RANKED)), []),
+    "offset alone": (dict(offset=3), RANKED[3:]),
 }
 
 

@@ -20,6 +20,9 @@ router = APIRouter(prefix="/api")
 
 ScanId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The scan's database id.")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Error}}
+#: Worklist rows per page unless asked: a night's slides, never the whole archive in one
+#: answer (10,000 rows cost 300 ms in serialising alone; bench/api_speed.py).
+WORKLIST_PAGE = 500
 Status = Literal[SCAN_STATUSES]  # type: ignore[valid-type]
 
 
@@ -45,9 +48,13 @@ def worklist(
     reviewed: Annotated[
         bool | None, Query(description="Whether the newest scan has a review decision.")
     ] = None,
-    limit: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
+    limit: Annotated[
+        int, Query(ge=1, le=10_000, description="A page of at most this many slides.")
+    ] = WORKLIST_PAGE,
+    offset: Annotated[int, Query(ge=0, le=10_000_000, description="Slides to skip.")] = 0,
 ) -> list[dict[str, Any]]:
-    """The morning worklist, as `papscan results`: those needing a person first."""
+    """The morning worklist, as `papscan results`: those needing a person first, a page
+    at a time (a page shorter than `limit` is the last)."""
     from worker.db.worklist import WorklistFilter, iter_worklist
 
     f = WorklistFilter(
@@ -58,6 +65,7 @@ def worklist(
         adequacy=adequacy,
         reviewed=reviewed,
         limit=limit,
+        offset=offset,
     )
     with _db(request).session() as s:
         return list(iter_worklist(s, f))

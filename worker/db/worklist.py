@@ -67,6 +67,7 @@ class WorklistFilter:
         reviewed: True keeps slides whose newest scan has a review decision, False
             those without one.
         limit: at most this many rows, the top of the ranking.
+        offset: skip this many rows of the ranking first (the next page).
     """
 
     since: datetime | None = None
@@ -76,6 +77,7 @@ class WorklistFilter:
     adequacy: str | None = None
     reviewed: bool | None = None
     limit: int | None = None
+    offset: int = 0
 
     def __post_init__(self) -> None:
         if self.status is not None and self.status not in SCAN_STATUSES:
@@ -125,8 +127,8 @@ def worklist_statement(f: WorklistFilter = WorklistFilter()) -> Select:
     if f.reviewed is not None:
         has_review = _has_review(newest.c.scan_id)
         inner = inner.where(has_review if f.reviewed else ~has_review)
-    if f.limit is not None:
-        inner = inner.order_by(*_ranking(inner.selected_columns)).limit(f.limit)
+    if f.limit is not None or f.offset:
+        inner = inner.order_by(*_ranking(inner.selected_columns)).limit(f.limit).offset(f.offset)
     ranked = inner.subquery("ranked")
     return (
         select(

@@ -32,15 +32,26 @@ function row(item, rank) {
   return tr;
 }
 
-async function load() {
+const PAGE = 500;
+let shown = [];
+
+async function load(more = false) {
   const params = new URLSearchParams();
   for (const [key, value] of new FormData(form)) if (value) params.append(key, value);
   history.replaceState(null, "", params.size ? `?${params}` : location.pathname);
-  const items = await getJson(`/api/worklist?${params}`);
-  body.replaceChildren(...items.map((item, i) => row(item, i + 1)));
-  const open = items.filter((item) => !item.reviewed && item.status === "done").length;
+  if (!more) shown = [];
+  params.set("limit", PAGE);
+  params.set("offset", shown.length);
+  const page = await getJson(`/api/worklist?${params}`);
+  const rows = page.map((item, i) => row(item, shown.length + i + 1));
+  if (more) body.append(...rows);
+  else body.replaceChildren(...rows);
+  shown = shown.concat(page);
+  document.getElementById("more").hidden = page.length < PAGE;
+  const open = shown.filter((item) => !item.reviewed && item.status === "done").length;
   document.getElementById("summary").textContent =
-    `${items.length} slide${items.length === 1 ? "" : "s"}; ${open} done and not reviewed.`;
+    `${shown.length}${page.length < PAGE ? "" : "+"} slide${shown.length === 1 ? "" : "s"}; ` +
+    `${open} done and not reviewed.`;
   document.body.dataset.loaded = "worklist";
 }
 
@@ -52,6 +63,7 @@ async function start() {
   const wanted = new URLSearchParams(location.search);
   for (const [key, value] of wanted) if (form.elements[key]) form.elements[key].value = value;
   form.addEventListener("change", () => load().catch(showError));
+  document.getElementById("more").addEventListener("click", () => load(true).catch(showError));
   await load();
 }
 

@@ -158,9 +158,10 @@ def test_another_target_and_bad_queries(served: Served) -> None:
         _one_sentence(served.why(cell["id"], **params), 422)
 
 
-def test_unknown_and_non_numeric_ids(served: Served) -> None:
+def test_unknown_and_non_numeric_ids_and_no_token(served: Served) -> None:
     sid = served.scan_id
     for suffix in ("why", "why.png"):
+        _one_sentence(httpx.get(f"{served.base}/api/scans/{sid}/cells/1/{suffix}"), 401)
         _one_sentence(served.client.get(f"/api/scans/987654321/cells/1/{suffix}"), 404)
         _one_sentence(served.client.get(f"/api/scans/{sid}/cells/987654321/{suffix}"), 404)
         _one_sentence(served.client.get(f"/api/scans/abc/cells/1/{suffix}"), 422)
@@ -205,6 +206,20 @@ def test_the_disk_cache_outlives_the_process_and_a_busy_service_says_so(served: 
                 slots.release()
     finally:
         served.app.state.why = first
+
+
+def test_the_same_ids_in_another_database_miss_the_cache(served: Served) -> None:
+    import dataclasses
+
+    from worker.api.cells import SlideGone
+    from worker.api.explain import _site
+
+    cell = served.cells(review_rank_max=1)[0]
+    assert served.why(cell["id"]).json()["cached"] is True
+    site = _site(_Request(served), served.scan_id, cell["id"])
+    elsewhere = dataclasses.replace(site, fingerprint="another slide's")
+    with pytest.raises(SlideGone, match="another slide"):  # not served from the cache
+        served.service.explain(elsewhere, cell["label"], "blur", 32)
 
 
 def test_a_changed_model_file_misses_the_cache(served: Served) -> None:

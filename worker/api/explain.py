@@ -10,7 +10,8 @@ cell from the database.
 
 A map takes about a second of CPU, so results are cached in memory and on disk, keyed by
 the sha256 of the program that computed it (a new model version, or a new file for the
-same version, is a miss), the scan, the cell, the target, the baseline and the steps.
+same version, is a miss), the scan, the cell and where it lies (slide fingerprint, ROI and
+cell boxes), the target, the baseline and the steps.
 Requests for the same key wait for one computation; computations run one at a time, and
 beyond a few waiting a request is refused with 503 and Retry-After, so explanations never
 hold all of the server's worker threads (the other routes share them).
@@ -19,6 +20,7 @@ A cached map is served without reopening the slide.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -81,6 +83,14 @@ class CellSite:
     attention: float
     model_version: int | None
     model_sha256: str | None
+
+    @property
+    def place(self) -> str:
+        """A digest of the slide's fingerprint and the ROI's and cell's boxes: ids alone are
+        not enough, since another database (a test's, a reset one, PostgreSQL after SQLite)
+        numbers other cells the same."""
+        where = f"{self.fingerprint}|{self.roi}|{self.box}"
+        return hashlib.sha256(where.encode()).hexdigest()[:16]
 
 
 class Busy(Exception):
@@ -197,7 +207,8 @@ def render_png(crop: np.ndarray, heat: np.ndarray, numbers: dict[str, Any]) -> b
 class WhyCache:
     """Explanations by key, in memory (least recently used first out) and on disk.
 
-    On disk: `<folder>/<model sha256>/<scan>/<cell>-<target>-<baseline>-<steps>.{png,json}`,
+    On disk: `<folder>/<algorithm>/<model sha256>/<scan>/<cell>-<place>-<target>-<baseline>-
+    <steps>.{png,json}` (`CellSite.place`),
     each written to a temporary name and renamed, the JSON last, so a reader that finds
     the JSON finds a whole picture. Anything unreadable on disk counts as a miss.
 
@@ -251,8 +262,8 @@ class WhyCache:
 
     def _stem(self, key: tuple) -> Path:
         assert self.folder is not None
-        algorithm, sha, scan_id, cell_id, target, baseline, steps = key
-        name = f"{cell_id}-{target}-{baseline}-{steps}"
+        algorithm, sha, place, scan_id, cell_id, target, baseline, steps = key
+        name = f"{cell_id}-{place}-{target}-{baseline}-{steps}"
         return self.folder / algorithm / sha / str(scan_id) / name
 
 
@@ -342,7 +353,7 @@ class WhyService:
         repository = self.repository()
         version = self._version(repository, site.model_version)
         sha = program_sha256(repository.path / CELL_MODEL / str(version) / PROGRAM_NAME)
-        key = (ALGORITHM, sha, site.scan_id, site.cell_id, target, baseline, steps)
+        key = (ALGORITHM, sha, site.place, site.scan_id, site.cell_id, target, baseline, steps)
         found = self.cache.get(key)
         if found is None:
             with self._locks.hold(key):

@@ -1,7 +1,7 @@
 """The review page in a real headless Chromium (Debian's `chromium`, driven by Playwright):
 sign in, open the worklist, open a slide, see tiles and the cell overlay drawn and the
-gallery filled, click a gallery cell (the viewer flies to it), mark a cell, record a
-decision, and save a screenshot.
+gallery filled, click a gallery cell (the viewer flies to it), ask why, mark a cell, record
+a decision, and save a screenshot.
 
 Set PAPSCAN_SCREENSHOT=path.png to keep the screenshot (the README's is made that way).
 """
@@ -37,6 +37,7 @@ def served(tmp_path_factory) -> Iterator[Page]:
     from engines.repository import ModelRepository, default_repository_path
     from train.synth import write_synthetic_slide
     from worker.api import create_app
+    from worker.api.explain import WhyService
     from worker.api.tokens import create_token
     from worker.lifecycle import scan_file
 
@@ -47,7 +48,9 @@ def served(tmp_path_factory) -> Iterator[Page]:
     report = scan_file(path, db, ModelRepository(default_repository_path()))
     with db.transaction() as s:
         token = create_token(s, "dr-okafor")
-    base, server, thread = serve_app(create_app(db, broker_url="redis://127.0.0.1:1/0"))
+    app = create_app(db, broker_url="redis://127.0.0.1:1/0")
+    app.state.why = WhyService(None, folder / "why")
+    base, server, thread = serve_app(app)
     yield Page(base, token, db, report.scan_id)
     server.should_exit = True
     thread.join(10)
@@ -126,6 +129,15 @@ def test_a_cytologist_reviews_a_slide(served: Page, browser, tmp_path: Path) -> 
     assert abs(view["x"] - (cell.x + cell.w / 2)) < 2 and abs(view["y"] - (cell.y + cell.h / 2)) < 2
     assert view["scale"] > 4 * home_scale
     page.wait_for_function("() => +document.querySelector('#viewer canvas').dataset.boxesDrawn > 0")
+
+    # "Why this cell": the integrated-gradients map and what it was computed with.
+    first.locator("button.why").click()
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#why-image');"
+        " return !document.querySelector('#why').hidden && i.complete && i.naturalWidth > 0; }",
+        timeout=120_000,
+    )
+    assert "ROI attention" in page.inner_text("#why-text")
 
     # Marking the cell and recording a decision are stored, under the token's name.
     first.locator("button.verdict.true_positive").click()

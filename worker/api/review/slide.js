@@ -138,7 +138,9 @@ async function why(cell) {
   image.src = await imageUrl(answer.image);
   text.textContent =
     `Integrated gradients of the cell classifier toward ${answer.target} (P ${percent(answer.probability)}); ` +
-    `ROI attention ${answer.attention.toFixed(3)}; ${answer.steps} steps, completeness gap ${answer.convergence_delta.toFixed(3)}.`;
+    `ROI attention ${answer.attention.toFixed(3)}; ${answer.steps} steps, completeness gap ${answer.convergence_delta.toFixed(3)}. ` +
+    `The ${answer.baseline} baseline scores ${percent(answer.output_at_baseline)} for ${answer.target}: ` +
+    `the map shows what moves the cell ${percent(Math.abs(answer.output_difference))} from it.`;
 }
 
 function showDecision(history) {

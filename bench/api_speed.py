@@ -70,6 +70,7 @@ if str(REPO_ROOT) not in sys.path:  # run as `python bench/api_speed.py` from an
     sys.path.insert(0, str(REPO_ROOT))
 
 from worker.api.cells import CellFilter, cells_statement  # noqa: E402
+from worker.api.routes import WORKLIST_PAGE  # noqa: E402
 from worker.db.session import Database  # noqa: E402
 from worker.db.worklist import WorklistFilter, worklist_statement  # noqa: E402
 
@@ -506,10 +507,16 @@ def worklist_queries(loaded: Loaded) -> list[Query]:
     """The morning's worklist requests, each with its `WorklistFilter`."""
     since = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
     since_at = datetime.fromisoformat(since).replace(tzinfo=UTC)
+    page = WORKLIST_PAGE  # the API's page unless `limit` is given
     cases: list[tuple[str, dict[str, Any], WorklistFilter]] = [
-        ("all slides (no filter)", {}, WorklistFilter()),
+        (f"first page (default {page})", {}, WorklistFilter(limit=page)),
+        (
+            f"page 3 (offset {2 * page})",
+            {"offset": 2 * page},
+            WorklistFilter(limit=page, offset=2 * page),
+        ),
         ("top 100", {"limit": 100}, WorklistFilter(limit=100)),
-        ("category=HSIL", {"category": "HSIL"}, WorklistFilter(categories=("HSIL",))),
+        ("category=HSIL", {"category": "HSIL"}, WorklistFilter(categories=("HSIL",), limit=page)),
         (
             "category=LSIL,HSIL limit=100",
             {"category": ["LSIL", "HSIL"], "limit": 100},
@@ -518,16 +525,16 @@ def worklist_queries(loaded: Loaded) -> list[Query]:
         (
             "adequacy=unsatisfactory",
             {"adequacy": "unsatisfactory"},
-            WorklistFilter(adequacy="unsatisfactory"),
+            WorklistFilter(adequacy="unsatisfactory", limit=page),
         ),
         (
             "reviewed=false limit=100",
             {"reviewed": "false", "limit": 100},
             WorklistFilter(reviewed=False, limit=100),
         ),
-        ("reviewed=true", {"reviewed": "true"}, WorklistFilter(reviewed=True)),
-        ("status=failed", {"status": "failed"}, WorklistFilter(status="failed")),
-        ("since=yesterday", {"since": since}, WorklistFilter(since=since_at)),
+        ("reviewed=true", {"reviewed": "true"}, WorklistFilter(reviewed=True, limit=page)),
+        ("status=failed", {"status": "failed"}, WorklistFilter(status="failed", limit=page)),
+        ("since=yesterday", {"since": since}, WorklistFilter(since=since_at, limit=page)),
     ]
     return [
         Query(

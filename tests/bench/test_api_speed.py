@@ -98,7 +98,8 @@ def test_a_tiny_run_prints_a_row_for_every_query(server_url: str, monkeypatch) -
     # The second baseline (before migration 0007) for every query.
     assert all(t.before_ms for t in result.timings)
     worklist = {t.query.name: t.rows for t in result.timings if t.query.group == "worklist"}
-    assert worklist["all slides (no filter)"] == 51  # and the DeepZoom slide
+    assert worklist["first page (default 500)"] == 51  # and the DeepZoom slide
+    assert worklist["page 3 (offset 1000)"] == 0
     assert worklist["top 100"] == 51
     assert result.tiles is not None and result.tiles.tiles == 4
     assert "deepzoom: tile, first touch" in text

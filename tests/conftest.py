@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -214,16 +215,17 @@ def postgres_missing(exc: Exception) -> NoReturn:
     service_missing("PostgreSQL", url, "PAPSCAN_TEST_PG_URL", how, exc)
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+@contextmanager
+def new_pg_database(prefix: str = "papscan_test") -> Iterator[str]:
+    """A new, empty PostgreSQL database on the server at PG_URL, dropped on leaving (even
+    with clients still connected, or refused); yields its SQLAlchemy URL. Skips (or, in CI,
+    fails) where the server is unreachable."""
     import psycopg
 
-    admin = make_url(PG_URL).set(drivername="postgresql")
-    admin_dsn = admin.render_as_string(hide_password=False)
-    name = f"papscan_test_{uuid.uuid4().hex[:12]}"
+    admin = make_url(PG_URL).set(drivername="postgresql").render_as_string(hide_password=False)
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     try:
-        conn = psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5)
+        conn = psycopg.connect(admin, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
         postgres_missing(exc)
     with conn:
@@ -231,8 +233,16 @@ def pg_url() -> Iterator[str]:
     try:
         yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
     finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    with new_pg_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -4,13 +4,12 @@ with the real schema, counts queued and running scans and nothing else."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.conftest import PG_URL, postgres_missing
+from tests.conftest import new_pg_database
 from tests.deploy.deploy_files import k8s_doc
 from worker.db.models import Scan, Slide
 from worker.db.session import Database
@@ -33,19 +32,8 @@ def test_the_keda_trigger_runs_papscans_outstanding_scans_query():
 def scans_db() -> Iterator[str]:
     """A PostgreSQL database of this module's own, with papscan's schema and scans in
     every status; yields its libpq URL (what KEDA's scaler is given)."""
-    import psycopg
-
-    admin = make_url(PG_URL).set(drivername="postgresql").render_as_string(hide_password=False)
-    name = f"papscan_keda_{uuid.uuid4().hex[:12]}"
-    try:
-        conn = psycopg.connect(admin, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        postgres_missing(exc)
-    with conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = make_url(PG_URL).set(database=name)
-        db = Database(url.render_as_string(hide_password=False))
+    with new_pg_database("papscan_keda") as url:
+        db = Database(url)
         db.create_schema()
         with db.transaction() as s:
             slide_no = 0
@@ -65,10 +53,7 @@ def scans_db() -> Iterator[str]:
                     s.flush()
                     s.add(Scan(slide_id=slide.id, status=status, model_versions={}))
         db.dispose()
-        yield url.set(drivername="postgresql").render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def test_the_trigger_query_counts_queued_and_running_scans(scans_db):

@@ -28,7 +28,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from tests.conftest import PG_URL, postgres_missing, service_missing
+from tests.conftest import PG_URL, new_pg_database, service_missing
 from worker.db.models import Cell, Roi, Scan
 from worker.db.session import Database
 
@@ -163,21 +163,8 @@ def _pg_admin_dsn() -> str:
 @pytest.fixture
 def fresh_pg_url() -> Iterator[str]:
     """A new, empty PostgreSQL database for one test, dropped afterwards."""
-    import psycopg
-
-    name = f"papscan_test_{uuid.uuid4().hex[:12]}"
-    try:
-        conn = psycopg.connect(_pg_admin_dsn(), autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        postgres_missing(exc)
-    with conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(_pg_admin_dsn(), autocommit=True) as conn:
-            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with new_pg_database() as url:
+        yield url
 
 
 def set_pg_connections(db_url: str, allowed: bool) -> None:

@@ -352,6 +352,7 @@ def test_schemathesis_finds_no_server_error(served: Served, tmp_path: Path) -> N
         capture_output=True, text=True, timeout=300, cwd=tmp_path,  # its .schemathesis/ cache
     )  # fmt: skip
     # "Why this cell" computes for seconds on a busy CPU: the timeout is the server's to
-    # keep (it answers 503 when busy), not the fuzzer's. Exit 0: no check failed. Warnings (e.g. "always 404" where the fuzzer cannot guess a
-    # real cell id) depend on what else the shared database holds, so they are not failures.
+    # keep (it answers 503 when busy), not the fuzzer's. Exit 0: no check failed. Warnings
+    # (e.g. "always 404" where the fuzzer cannot guess a real cell id) depend on what else
+    # the shared database holds, so they are not failures.
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

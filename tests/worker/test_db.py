@@ -151,23 +151,10 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'empty.db'}"
         return
-    import psycopg
-    from sqlalchemy.engine import make_url
+    from tests.conftest import new_pg_database
 
-    from tests.conftest import PG_URL, postgres_missing
-
-    admin = make_url(PG_URL).set(drivername="postgresql").render_as_string(hide_password=False)
-    name = f"papscan_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        postgres_missing(exc)
-    try:
-        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with new_pg_database() as url:
+        yield url
 
 
 def test_migration_0007_fills_qc_flags_from_qc_and_goes_back(empty_url: str) -> None:

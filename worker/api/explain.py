@@ -38,13 +38,11 @@ from urllib.parse import urlencode
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
-from sqlalchemy import select
 
 from worker.api import cells as cell_queries
-from worker.api.reviews import CellId
-from worker.api.routes import NOT_FOUND, ScanId, _db, _scan
+from worker.api.routes import NOT_FOUND, CellId, ScanId, _cell, _db
 from worker.api.schemas import Error
-from worker.db.models import Cell, Roi, Slide
+from worker.db.models import Roi
 
 __all__ = ["Busy", "CellSite", "WhyCache", "WhyService", "cut_scanned_crop", "router"]
 
@@ -482,11 +480,7 @@ def _service(request: Request) -> WhyService:
 
 def _site(request: Request, scan_id: int, cell_id: int) -> CellSite:
     with _db(request).session() as s:
-        scan = _scan(s, scan_id)
-        cell = s.scalar(select(Cell).where(Cell.id == cell_id, Cell.scan_id == scan_id))
-        if cell is None:
-            raise HTTPException(404, f"Scan {scan_id} has no cell {cell_id}.")
-        slide = s.get(Slide, scan.slide_id)
+        scan, cell, slide = _cell(s, scan_id, cell_id)
         roi = s.get(Roi, cell.roi_id)
         versions = scan.model_versions or {}
         hashes = scan.model_sha256 or {}

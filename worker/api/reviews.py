@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException, Path, Request
+from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker.api.routes import NOT_FOUND, ScanId, _db
+from worker.api.routes import NOT_FOUND, CellId, ScanId, _db
 from worker.api.schemas import Error
 from worker.db import reviews
 from worker.db.models import ApiToken
@@ -26,7 +26,6 @@ __all__ = ["router"]
 router = APIRouter(prefix="/api")
 
 Category = Literal[CATEGORIES]  # type: ignore[valid-type]
-CellId = Annotated[int, Path(ge=1, le=2**62, description="The cell's database id.")]
 WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     **NOT_FOUND,
     409: {"model": Error, "description": "The scan is not done."},

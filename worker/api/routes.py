@@ -19,6 +19,7 @@ from worker.db.session import Database
 router = APIRouter(prefix="/api")
 
 ScanId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The scan's database id.")]
+CellId = Annotated[int, Path(ge=1, le=2**62, description="The cell's database id.")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Error}}
 #: Worklist rows per page unless asked: a night's slides, never the whole archive in one
 #: answer (10,000 rows cost 300 ms in serialising alone; bench/api_speed.py).
@@ -35,6 +36,15 @@ def _scan(s: Session, scan_id: int) -> Scan:
     if scan is None:
         raise HTTPException(404, f"Scan {scan_id} does not exist.")
     return scan
+
+
+def _cell(s: Session, scan_id: int, cell_id: int) -> tuple[Scan, Cell, Slide]:
+    """The scan, its cell and its slide (404 where the scan or its cell is unknown)."""
+    scan = _scan(s, scan_id)
+    cell = s.scalar(select(Cell).where(Cell.id == cell_id, Cell.scan_id == scan_id))
+    if cell is None:
+        raise HTTPException(404, f"Scan {scan_id} has no cell {cell_id}.")
+    return scan, cell, s.get(Slide, scan.slide_id)
 
 
 @router.get("/worklist", response_model=list[WorklistRow], responses={422: {"model": Error}})
@@ -133,15 +143,11 @@ def scan_cells(
 def cell_image(
     request: Request,
     scan_id: ScanId,
-    cell_id: Annotated[int, Path(ge=1, le=2**62)],
+    cell_id: CellId,
 ) -> Response:
     """The cell's field (48 µm, level 0) cut from the scanned slide, its box drawn."""
     with _db(request).session() as s:
-        scan = _scan(s, scan_id)
-        cell = s.scalar(select(Cell).where(Cell.id == cell_id, Cell.scan_id == scan_id))
-        if cell is None:
-            raise HTTPException(404, f"Scan {scan_id} has no cell {cell_id}.")
-        slide = s.get(Slide, scan.slide_id)
+        _, cell, slide = _cell(s, scan_id, cell_id)
     try:
         png = cell_queries.cell_png(slide, cell, FIELD_UM, request.app.state.open_slides)
     except cell_queries.SlideGone as exc:

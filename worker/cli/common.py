@@ -47,6 +47,21 @@ ModelsOption = Annotated[
 ]
 
 
+def metrics_port_option(serves: str) -> Any:
+    """`--metrics-port` (or PAPSCAN_METRICS_PORT): Prometheus metrics, without a token, at
+    http://HOST:PORT/metrics, `serves` saying what; 0 serves none."""
+    return Annotated[
+        int,
+        typer.Option(
+            envvar="PAPSCAN_METRICS_PORT",
+            min=0,
+            max=65535,
+            help=f"Serve Prometheus metrics ({serves}) at http://HOST:PORT/metrics, without a "
+            "token, on this separate port; 0 serves none.",
+        ),
+    ]
+
+
 def fails_in_one_sentence(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn papscan's errors into one line on stderr and exit code 1, never a traceback."""
 

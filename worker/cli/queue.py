@@ -33,6 +33,7 @@ from worker.cli.common import (
     PreparationOption,
     fail,
     fails_in_one_sentence,
+    metrics_port_option,
     repository,
 )
 
@@ -108,16 +109,9 @@ def worker(
     db: DbOption = None,
     models: ModelsOption = None,
     loglevel: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
-    metrics_port: Annotated[
-        int,
-        typer.Option(
-            envvar="PAPSCAN_METRICS_PORT",
-            min=0,
-            max=65535,
-            help="Serve Prometheus metrics (scans, stages, queue depth, the engines' "
-            "Triton-style counters) at http://HOST:PORT/metrics; 0 serves none.",
-        ),
-    ] = 0,
+    metrics_port: metrics_port_option(
+        "scans, stages, queue depth, the engines' Triton-style counters"
+    ) = 0,
 ) -> None:
     """Run one worker process: load and warm up the models, then scan queued slides."""
     if gpu is not None:

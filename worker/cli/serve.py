@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from worker.cli.common import DbOption, fail, fails_in_one_sentence
+from worker.cli.common import DbOption, fail, fails_in_one_sentence, metrics_port_option
 
 serve_app = typer.Typer(add_completion=False)
 token_app = typer.Typer(
@@ -43,17 +43,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     db: DbOption = None,
-    metrics_port: Annotated[
-        int,
-        typer.Option(
-            envvar="PAPSCAN_METRICS_PORT",
-            min=0,
-            max=65535,
-            help="Also serve Prometheus metrics (queue depth, scans by status, the "
-            "autoscaling number) at http://0.0.0.0:PORT/metrics, without a token, on this "
-            "separate port; 0 serves none.",
-        ),
-    ] = 0,
+    metrics_port: metrics_port_option("queue depth, scans by status, the autoscaling number") = 0,
 ) -> None:
     """Serve the REST API and the review page (worklist, scans, cells, tiles, reviews);
     every API call needs a token."""

@@ -38,9 +38,25 @@ export async function imageUrl(path) {
   return URL.createObjectURL(await (await call(path)).blob());
 }
 
+// The sign-in form and the error bar every page has, after its header.
+function frame() {
+  const form = element(
+    "form", { id: "sign-in", hidden: true },
+    element("label", { htmlFor: "token" }, "Your papscan token"),
+    element("input", {
+      id: "token", name: "token", type: "password", autocomplete: "off", required: true,
+      placeholder: "from: papscan token create YOUR-NAME",
+    }),
+    element("button", { type: "submit" }, "Sign in"),
+    element("p", { className: "message" }),
+  );
+  document.querySelector("header").after(form, element("p", { id: "error", role: "alert", hidden: true }));
+  return form;
+}
+
 // Run `start` once a token works: the stored one, or one the reviewer pastes.
 export async function signedIn(start) {
-  const form = document.getElementById("sign-in");
+  const form = frame();
   const message = form.querySelector(".message");
   const tryToken = async () => {
     try {

@@ -256,6 +256,15 @@ def queued_scan(
         return slide.id, scan.id
 
 
+def one_sentence(response, status: int) -> str:
+    """An API error: `status`, and a body of one sentence, `{"detail": "..."}`."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"detail"} and isinstance(body["detail"], str), body
+    assert body["detail"].endswith(".") and "\n" not in body["detail"]
+    return body["detail"]
+
+
 def serve_app(app) -> tuple[str, object, threading.Thread]:
     """Run the ASGI `app` under uvicorn in a thread on a free port; return its base URL."""
     import uvicorn

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from tests.worker.conftest import serve_app
+from tests.worker.conftest import one_sentence, serve_app
 from worker.db.session import Database
 
 pytestmark = pytest.mark.slow
@@ -62,14 +62,6 @@ def served(request, tmp_path_factory) -> Iterator[Served]:
     db.dispose()
 
 
-def _one_sentence(response: httpx.Response, status: int) -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"detail"} and isinstance(body["detail"], str), body
-    assert body["detail"].endswith(".") and "\n" not in body["detail"]
-    return body["detail"]
-
-
 # --- auth -------------------------------------------------------------------------------
 
 
@@ -91,7 +83,7 @@ def test_every_route_needs_a_valid_bearer_token(served: Served) -> None:
     ):
         for route in routes:
             r = httpx.get(served.base + route, headers=headers)
-            _one_sentence(r, 401)
+            one_sentence(r, 401)
             assert r.headers["www-authenticate"] == "Bearer"
 
 
@@ -105,7 +97,7 @@ def test_a_revoked_token_is_refused(served: Served) -> None:
     assert httpx.get(served.base + "/api/queue", headers=auth).status_code == 200
     with served.db.transaction() as s:
         assert revoke_token(s, name) == 1
-    _one_sentence(httpx.get(served.base + "/api/queue", headers=auth), 401)
+    one_sentence(httpx.get(served.base + "/api/queue", headers=auth), 401)
 
 
 def test_openapi_schema_is_served_and_docs_are_off(served: Served) -> None:
@@ -115,7 +107,7 @@ def test_openapi_schema_is_served_and_docs_are_off(served: Served) -> None:
     assert "/api/scans/{scan_id}/cells/{cell_id}/image" in schema["paths"]
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     for page in ("/docs", "/redoc"):
-        _one_sentence(served.client.get(page), 404)
+        one_sentence(served.client.get(page), 404)
 
 
 # --- worklist ---------------------------------------------------------------------------
@@ -154,7 +146,7 @@ def test_worklist_bad_filters_are_422(served: Served) -> None:
         {"category": "nonsense"},
         {"since": "last tuesday"},
     ):
-        _one_sentence(served.client.get("/api/worklist", params=params), 422)
+        one_sentence(served.client.get("/api/worklist", params=params), 422)
 
 
 # --- one scan ---------------------------------------------------------------------------
@@ -175,17 +167,17 @@ def test_one_scan_in_full(served: Served) -> None:
 
 
 def test_unknown_and_non_numeric_scans(served: Served) -> None:
-    assert "does not exist" in _one_sentence(served.client.get("/api/scans/987654321"), 404)
-    _one_sentence(served.client.get("/api/scans/987654321/cells"), 404)
-    _one_sentence(served.client.get("/api/scans/987654321/cells/1/image"), 404)
+    assert "does not exist" in one_sentence(served.client.get("/api/scans/987654321"), 404)
+    one_sentence(served.client.get("/api/scans/987654321/cells"), 404)
+    one_sentence(served.client.get("/api/scans/987654321/cells/1/image"), 404)
     for bad in ("abc", "1.5", "-3", "..%2F..%2Fetc%2Fpasswd"):
         r = served.client.get(f"/api/scans/{bad}")
         assert r.status_code in (404, 422), (bad, r.text)
-        _one_sentence(r, r.status_code)
-    _one_sentence(served.client.get("/api/scans/abc"), 422)
+        one_sentence(r, r.status_code)
+    one_sentence(served.client.get("/api/scans/abc"), 422)
     # beyond a 32-bit scan id (PostgreSQL's INTEGER): 422, not a 500 from the database
-    _one_sentence(served.client.get("/api/scans/10000000000000"), 422)
-    _one_sentence(served.client.get(f"/api/scans/{served.scan_id}/cells/abc/image"), 422)
+    one_sentence(served.client.get("/api/scans/10000000000000"), 422)
+    one_sentence(served.client.get(f"/api/scans/{served.scan_id}/cells/abc/image"), 422)
 
 
 # --- cells ------------------------------------------------------------------------------
@@ -228,10 +220,10 @@ def test_cells_bad_input(served: Served) -> None:
     url = f"/api/scans/{served.scan_id}/cells"
     for region in ("0,0,4096,10", "2000,2000,100,100", "-1,0,10,10", "0,0,100001,10",
                    "0,0,0,10", "1,2,3", "a,b,c,d"):  # fmt: skip
-        _one_sentence(served.client.get(url, params={"region": region}), 400)
+        one_sentence(served.client.get(url, params={"region": region}), 400)
     for params in ({"limit": -1}, {"limit": 0}, {"offset": -1}, {"min_score": 2},
                    {"review_rank_max": "x"}):  # fmt: skip
-        _one_sentence(served.client.get(url, params=params), 422)
+        one_sentence(served.client.get(url, params=params), 422)
 
 
 def test_cell_image_is_a_png_cut_from_the_slide(served: Served) -> None:
@@ -244,7 +236,7 @@ def test_cell_image_is_a_png_cut_from_the_slide(served: Served) -> None:
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     image = Image.open(io.BytesIO(r.content))
     assert image.format == "PNG" and image.size == (96, 96)  # 48 µm at 0.5 µm/px
-    _one_sentence(served.client.get(f"/api/scans/{served.scan_id}/cells/987654321/image"), 404)
+    one_sentence(served.client.get(f"/api/scans/{served.scan_id}/cells/987654321/image"), 404)
 
 
 # --- DeepZoom tiles ----------------------------------------------------------------------
@@ -283,9 +275,9 @@ def test_deepzoom_bad_addresses_are_404(served: Served) -> None:
     base = f"/api/scans/{served.scan_id}/deepzoom"
     for address in ("12/0_0.jpeg", "11/9_0.jpeg", "11/0_9.jpeg", "11/0_0.png", "11/a_b.jpeg",
                     "11/0_0", "11/..%2F..%2Fetc%2Fpasswd"):  # fmt: skip
-        _one_sentence(served.client.get(f"{base}/{address}"), 404)
-    _one_sentence(served.client.get("/api/scans/987654/deepzoom"), 404)
-    _one_sentence(served.client.get(f"{base}/x/0_0.jpeg"), 422)
+        one_sentence(served.client.get(f"{base}/{address}"), 404)
+    one_sentence(served.client.get("/api/scans/987654/deepzoom"), 404)
+    one_sentence(served.client.get(f"{base}/x/0_0.jpeg"), 422)
 
 
 # --- queue ------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.worker.conftest import serve_app
+from tests.worker.conftest import one_sentence, serve_app
 from worker.db.session import Database
 
 pytest.importorskip("torch")
@@ -78,13 +78,6 @@ def served(tmp_path_factory) -> Iterator[Served]:
     server.should_exit = True
     thread.join(10)
     db.dispose()
-
-
-def _one_sentence(response: httpx.Response, status: int) -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"detail"} and body["detail"].endswith("."), body
-    return body["detail"]
 
 
 def _converged(body: dict[str, Any]) -> bool:
@@ -153,20 +146,20 @@ def test_another_target_and_bad_queries(served: Served) -> None:
     assert (body["label"], body["target"], body["cached"]) == (cell["label"], other, False)
     assert body["steps"] >= 16 and _converged(body), body
     assert "target=" + other in body["image"]
-    assert _one_sentence(served.why(cell["id"], target="XYZ"), 422).startswith("target must")
+    assert one_sentence(served.why(cell["id"], target="XYZ"), 422).startswith("target must")
     for params in ({"baseline": "grey"}, {"steps": 0}, {"steps": 257}, {"steps": "x"}):
-        _one_sentence(served.why(cell["id"], **params), 422)
+        one_sentence(served.why(cell["id"], **params), 422)
 
 
 def test_unknown_and_non_numeric_ids_and_no_token(served: Served) -> None:
     sid = served.scan_id
     for suffix in ("why", "why.png"):
-        _one_sentence(httpx.get(f"{served.base}/api/scans/{sid}/cells/1/{suffix}"), 401)
-        _one_sentence(served.client.get(f"/api/scans/987654321/cells/1/{suffix}"), 404)
-        _one_sentence(served.client.get(f"/api/scans/{sid}/cells/987654321/{suffix}"), 404)
-        _one_sentence(served.client.get(f"/api/scans/abc/cells/1/{suffix}"), 422)
-        _one_sentence(served.client.get(f"/api/scans/{sid}/cells/abc/{suffix}"), 422)
-        _one_sentence(served.client.get(f"/api/scans/{sid}/cells/0/{suffix}"), 422)
+        one_sentence(httpx.get(f"{served.base}/api/scans/{sid}/cells/1/{suffix}"), 401)
+        one_sentence(served.client.get(f"/api/scans/987654321/cells/1/{suffix}"), 404)
+        one_sentence(served.client.get(f"/api/scans/{sid}/cells/987654321/{suffix}"), 404)
+        one_sentence(served.client.get(f"/api/scans/abc/cells/1/{suffix}"), 422)
+        one_sentence(served.client.get(f"/api/scans/{sid}/cells/abc/{suffix}"), 422)
+        one_sentence(served.client.get(f"/api/scans/{sid}/cells/0/{suffix}"), 422)
 
 
 def test_a_gone_slide_is_410_unless_the_map_is_cached(served: Served) -> None:
@@ -176,7 +169,7 @@ def test_a_gone_slide_is_410_unless_the_map_is_cached(served: Served) -> None:
     moved = slide.with_name("moved.tiff")
     slide.rename(moved)
     try:
-        assert _one_sentence(served.why(fresh["id"]), 410).startswith("The slide file")
+        assert one_sentence(served.why(fresh["id"]), 410).startswith("The slide file")
         assert served.why(cached["id"]).json()["cached"] is True
     finally:
         moved.rename(slide)
@@ -198,7 +191,7 @@ def test_the_disk_cache_outlives_the_process_and_a_busy_service_says_so(served: 
             taken += 1
         try:
             busy = served.why(served.cells()[-2]["id"])
-            assert _one_sentence(busy, 503).startswith("Too many explanations")
+            assert one_sentence(busy, 503).startswith("Too many explanations")
             assert busy.headers["retry-after"] == "5"
             assert served.why(cell["id"]).json()["cached"] is True  # the cache still serves
         finally:

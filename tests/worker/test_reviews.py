@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import delete, func, select
 from typer.testing import CliRunner
 
-from tests.worker.conftest import serve_app
+from tests.worker.conftest import one_sentence, serve_app
 from worker.cli.main import app as cli_app
 from worker.db.models import Cell, CellReview, Roi, Scan, Slide, SlideResult, SlideReview
 from worker.db.session import Database
@@ -118,14 +118,6 @@ def _slide_with_scan(
         return scan.id, cells
 
 
-def _one_sentence(response: httpx.Response, status: int) -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"detail"} and isinstance(body["detail"], str), body
-    assert body["detail"].endswith(".") and "\n" not in body["detail"]
-    return body["detail"]
-
-
 # --- decisions on a scan ----------------------------------------------------------------
 
 
@@ -178,15 +170,15 @@ def test_a_scan_without_reviews_has_an_empty_history(served: Served) -> None:
     assert h == {"scan_id": scan_id, "current": None, "reviews": [], "cell_reviews": []}
 
 
-def test_bad_decisions_are_refused_in_one_sentence(served: Served) -> None:
+def test_bad_decisions_are_refused_inone_sentence(served: Served) -> None:
     scan_id, _ = _slide_with_scan(served.db)
     queued, _ = _slide_with_scan(served.db, "queued")
     missing = 2**31 - 1
-    assert "does not exist" in _one_sentence(
+    assert "does not exist" in one_sentence(
         served.client.post(f"/api/scans/{missing}/review", json={"agrees": True}), 404
     )
-    _one_sentence(served.client.get(f"/api/scans/{missing}/reviews"), 404)
-    assert "not done" in _one_sentence(
+    one_sentence(served.client.get(f"/api/scans/{missing}/reviews"), 404)
+    assert "not done" in one_sentence(
         served.client.post(f"/api/scans/{queued}/review", json={"agrees": True}), 409
     )
     for body in (
@@ -197,9 +189,9 @@ def test_bad_decisions_are_refused_in_one_sentence(served: Served) -> None:
         {"agrees": True, "extra": 1},
         {"agrees": True, "note": "x" * 10_001},
     ):
-        _one_sentence(served.client.post(f"/api/scans/{scan_id}/review", json=body), 422)
-    _one_sentence(served.client.post(f"/api/scans/{scan_id}/review", content=b"{"), 422)
-    _one_sentence(served.client.post("/api/scans/0/review", json={"agrees": True}), 422)
+        one_sentence(served.client.post(f"/api/scans/{scan_id}/review", json=body), 422)
+    one_sentence(served.client.post(f"/api/scans/{scan_id}/review", content=b"{"), 422)
+    one_sentence(served.client.post("/api/scans/0/review", json={"agrees": True}), 422)
     with served.db.session() as s:
         assert s.scalar(select(func.count()).where(SlideReview.scan_id == scan_id)) == 0
         assert s.scalar(select(func.count()).where(SlideReview.scan_id == queued)) == 0
@@ -215,7 +207,7 @@ def test_review_routes_need_a_token(served: Served) -> None:
     ):
         for headers in ({}, {"Authorization": "Bearer nope"}):
             r = httpx.request(method, base.rstrip("/") + route, json=body, headers=headers)
-            _one_sentence(r, 401)
+            one_sentence(r, 401)
     with served.db.session() as s:
         assert s.scalar(select(func.count()).where(SlideReview.scan_id == scan_id)) == 0
 
@@ -252,27 +244,27 @@ def test_cells_are_marked_true_or_false_positive(served: Served) -> None:
     assert h["reviews"] == []  # a cell verdict is not a decision on the slide
 
     # A cell of another scan, or none at all, is not found; bad verdicts are a 422.
-    assert "has no cell" in _one_sentence(
+    assert "has no cell" in one_sentence(
         served.client.post(
             f"/api/scans/{scan_id}/cells/{other_cells[0]}/review",
             json={"verdict": "true_positive"},
         ),
         404,
     )
-    _one_sentence(
+    one_sentence(
         served.client.post(
             f"/api/scans/{scan_id}/cells/{2**62}/review", json={"verdict": "true_positive"}
         ),
         404,
     )
-    _one_sentence(
+    one_sentence(
         served.client.post(
             f"/api/scans/{2**31 - 1}/cells/{cells[0]}/review", json={"verdict": "true_positive"}
         ),
         404,
     )
     for body in ({"verdict": "maybe"}, {}, {"verdict": "true_positive", "x": 1}):
-        _one_sentence(
+        one_sentence(
             served.client.post(f"/api/scans/{scan_id}/cells/{cells[0]}/review", json=body), 422
         )
     with served.db.session() as s:
@@ -355,7 +347,7 @@ def test_the_worklist_says_which_slides_are_reviewed_and_filters_on_it(served: S
     assert api() == {"reviewed": True, "open": False, "queued": False, "rescanned": False}
     assert api(reviewed="true") == {"reviewed": True}
     assert api(reviewed="false") == {"open": False, "queued": False, "rescanned": False}
-    _one_sentence(served.client.get("/api/worklist", params={"reviewed": "perhaps"}), 422)
+    one_sentence(served.client.get("/api/worklist", params={"reviewed": "perhaps"}), 422)
 
     def cli(*args: str) -> str:
         result = CliRunner().invoke(

@@ -166,6 +166,20 @@ def test_one_scan_in_full(served: Served) -> None:
     assert len(body["top_cells"]) == len(expected["top_cells"])
 
 
+def test_scans_newest_first_by_status_and_slide(served: Served) -> None:
+    rows = served.client.get("/api/scans").json()
+    assert [r["scan_id"] for r in rows] == [served.scan_id]
+    (row,) = rows
+    assert row["status"] == "done" and row["category"] == served.report.summary.category
+    assert row["model_versions"] and row["finished_at"] is not None
+    by_slide = served.client.get("/api/scans", params={"slide_id": row["slide_id"]}).json()
+    assert by_slide == rows
+    assert served.client.get("/api/scans", params={"status": "failed"}).json() == []
+    assert served.client.get("/api/scans", params={"offset": 1}).json() == []
+    for params in ({"status": "lost"}, {"limit": 0}, {"slide_id": "x"}, {"offset": -1}):
+        one_sentence(served.client.get("/api/scans", params=params), 422)
+
+
 def test_unknown_and_non_numeric_scans(served: Served) -> None:
     assert "does not exist" in one_sentence(served.client.get("/api/scans/987654321"), 404)
     one_sentence(served.client.get("/api/scans/987654321/cells"), 404)

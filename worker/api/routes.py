@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from worker.api import cells as cell_queries
-from worker.api.schemas import CellPage, CellRow, Error, WorklistRow
+from worker.api.schemas import CellPage, CellRow, Error, ScanRow, WorklistRow
 from worker.db.models import SCAN_STATUSES, Cell, Scan, Slide
 from worker.db.report import FIELD_UM
 from worker.db.session import Database
@@ -79,6 +79,52 @@ def worklist(
     )
     with _db(request).session() as s:
         return list(iter_worklist(s, f))
+
+
+@router.get("/scans", response_model=list[ScanRow], responses={422: {"model": Error}})
+def scans(
+    request: Request,
+    status: Status | None = None,
+    slide_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> list[dict[str, Any]]:
+    """Scans newest first, of any status (a slide's rescans included), by status or slide."""
+    from worker.db.models import SlideResult
+    from worker.db.worklist import aware
+
+    stmt = (
+        select(Scan, Slide.path, SlideResult.category, SlideResult.score)
+        .join(Slide, Slide.id == Scan.slide_id)
+        .outerjoin(SlideResult, SlideResult.scan_id == Scan.id)
+        .order_by(Scan.id.desc())
+        .offset(offset)
+        .limit(limit)
+    )
+    if status is not None:
+        stmt = stmt.where(Scan.status == status)
+    if slide_id is not None:
+        stmt = stmt.where(Scan.slide_id == slide_id)
+    with _db(request).session() as s:
+        return [
+            {
+                "scan_id": scan.id,
+                "slide_id": scan.slide_id,
+                "slide_path": path,
+                "status": scan.status,
+                "priority": scan.priority,
+                "attempt": scan.attempt,
+                "category": category,
+                "score": score,
+                "error": scan.error,
+                "worker": scan.worker,
+                "model_versions": dict(scan.model_versions or {}),
+                "created_at": aware(scan.created_at),
+                "started_at": aware(scan.started_at),
+                "finished_at": aware(scan.finished_at),
+            }
+            for scan, path, category, score in s.execute(stmt)
+        ]
 
 
 @router.get("/scans/{scan_id}", responses=NOT_FOUND)

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-__all__ = ["CellPage", "CellRow", "DeepZoomInfo", "Error", "WorklistRow"]
+__all__ = ["CellPage", "CellRow", "DeepZoomInfo", "Error", "ScanRow", "WorklistRow"]
 
 
 class Error(BaseModel):
@@ -33,6 +33,25 @@ class WorklistRow(BaseModel):
     created_at: datetime | None
     finished_at: datetime | None
     reviewed: bool
+
+
+class ScanRow(BaseModel):
+    """One scan, any status: a slide's scans are its attempts at a result over time."""
+
+    scan_id: int
+    slide_id: int
+    slide_path: str
+    status: str
+    priority: str
+    attempt: int
+    category: str | None
+    score: float | None
+    error: str | None
+    worker: str | None
+    model_versions: dict[str, Any]
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
 
 
 class CellRow(BaseModel):

@@ -30,6 +30,7 @@ class Page:
     token: str
     db: Database
     scan_id: int
+    slide: Path
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def served(tmp_path_factory) -> Iterator[Page]:
     app = create_app(db, broker_url="redis://127.0.0.1:1/0")
     app.state.why = WhyService(None, folder / "why")
     base, server, thread = serve_app(app)
-    yield Page(base, token, db, report.scan_id)
+    yield Page(base, token, db, report.scan_id, path)
     server.should_exit = True
     thread.join(10)
     db.dispose()
@@ -174,6 +175,22 @@ def test_a_cytologist_reviews_a_slide(served: Page, browser, tmp_path: Path) -> 
     if os.environ.get("PAPSCAN_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["PAPSCAN_SCREENSHOT"])
     assert problems == [], problems
+
+    # A slide whose file has gone keeps its result, gallery and decision form; the viewer
+    # says, in the API's sentence, why it cannot show the slide.
+    moved = served.slide.with_suffix(".moved")
+    served.slide.rename(moved)
+    try:
+        page.reload()
+        page.wait_for_selector("body[data-loaded=slide]")
+        assert page.locator("#viewer").get_attribute("data-unavailable") == "410"
+        assert "no longer where it was scanned" in page.inner_text("#viewer")
+        assert "Status\ndone" in page.inner_text("#summary")
+        assert page.locator(".cell-card").count() == cards.count()
+        page.locator(".cell-card").first.click()  # no viewer to fly: nothing breaks
+    finally:
+        moved.rename(served.slide)
+    assert [p for p in problems if "page error" in p] == []
 
 
 def test_the_page_files_need_no_token_and_carry_a_strict_policy(served: Page) -> None:

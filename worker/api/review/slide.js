@@ -109,8 +109,8 @@ function gallery(cells, verdicts) {
     const focus = () => {
       document.querySelectorAll(".cell-card.active").forEach((c) => c.classList.remove("active"));
       card.classList.add("active");
-      viewer.select(cell.id);
-      viewer.flyTo(cell);
+      viewer?.select(cell.id);
+      viewer?.flyTo(cell);
     };
     card.addEventListener("click", focus);
     card.addEventListener("keydown", (e) => { if (e.key === "Enter") focus(); });
@@ -154,6 +154,17 @@ function showDecision(history) {
   document.body.dataset.reviewed = current ? "yes" : "no";
 }
 
+function showSlide(info) {
+  viewer = new Viewer(document.getElementById("viewer"), info, tile);
+  window.papscanViewer = viewer; // for the browser test and the console
+  viewer.onViewChange = showCellsInView;
+  viewer.setBoxes(reviewBoxes);
+  const centre = () => [viewer.canvas.width / 2, viewer.canvas.height / 2];
+  document.getElementById("zoom-home").onclick = () => viewer.home();
+  document.getElementById("zoom-in").onclick = () => viewer.zoomAt(2, ...centre());
+  document.getElementById("zoom-out").onclick = () => viewer.zoomAt(0.5, ...centre());
+}
+
 async function start() {
   if (!scanId) throw new Error("no scan id in the address (slide.html?scan=ID)");
   const words = await getJson("/api/vocabulary");
@@ -163,22 +174,23 @@ async function start() {
   const form = document.getElementById("decision-form");
   form.elements.category.append(...words.categories.map((c) => element("option", { value: c }, c)));
 
-  const [scan, info, review, history] = await Promise.all([
+  const [scan, review, history] = await Promise.all([
     getJson(base),
-    getJson(`${base}/deepzoom`),
     getJson(`${base}/cells?review_rank_max=1000&limit=1000`),
     getJson(`${base}/reviews`),
   ]);
   summary(scan);
   const cells = review.cells.sort((a, b) => a.review_rank - b.review_rank);
   reviewBoxes = cells.map(box);
-  viewer = new Viewer(document.getElementById("viewer"), info, tile);
-  window.papscanViewer = viewer; // for the browser test and the console
-  viewer.onViewChange = showCellsInView;
-  viewer.setBoxes(reviewBoxes);
-  document.getElementById("zoom-home").onclick = () => viewer.home();
-  document.getElementById("zoom-in").onclick = () => viewer.zoomAt(2, viewer.canvas.width / 2, viewer.canvas.height / 2);
-  document.getElementById("zoom-out").onclick = () => viewer.zoomAt(0.5, viewer.canvas.width / 2, viewer.canvas.height / 2);
+  // A slide whose file is gone or changed still has its result, gallery and decision;
+  // only the viewer says why it cannot show the slide.
+  try {
+    showSlide(await getJson(`${base}/deepzoom`));
+  } catch (error) {
+    const panel = document.getElementById("viewer");
+    panel.replaceChildren(element("p", { className: "viewer-message" }, error.message));
+    panel.dataset.unavailable = error.status ?? "error";
+  }
   document.getElementById("why-close").onclick = () => { document.getElementById("why").hidden = true; };
 
   const verdicts = new Map();

@@ -131,6 +131,15 @@ def test_a_cytologist_reviews_a_slide(served: Page, browser, tmp_path: Path) -> 
     assert view["scale"] > 4 * home_scale
     page.wait_for_function("() => +document.querySelector('#viewer canvas').dataset.boxesDrawn > 0")
 
+    # The keyboard: → moves to the next cell, f marks it a false positive, ← goes back.
+    second_id = int(cards.nth(1).get_attribute("data-cell"))
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function(f"() => window.papscanViewer.selected === {second_id}")
+    page.keyboard.press("f")
+    page.wait_for_selector(f".cell-card[data-cell='{second_id}'][data-verdict=false_positive]")
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_function(f"() => window.papscanViewer.selected === {cell_id}")
+
     # "Why this cell": the integrated-gradients map and what it was computed with.
     first.locator("button.why").click()
     page.wait_for_function(
@@ -153,6 +162,9 @@ def test_a_cytologist_reviews_a_slide(served: Page, browser, tmp_path: Path) -> 
         verdict = s.scalars(select(CellReview).where(CellReview.cell_id == cell_id)).one()
     assert (review.agrees, review.category, review.reviewer) == (False, "LSIL", "dr-okafor")
     assert review.note == "Koilocytes at 12 o'clock." and verdict.verdict == "true_positive"
+    with served.db.session() as s:
+        marked = s.scalars(select(CellReview.verdict).where(CellReview.cell_id == second_id))
+        assert list(marked) == ["false_positive"]
 
     # Back on the worklist the slide shows as reviewed.
     page.goto(served.base + "/review/?reviewed=true")

@@ -114,12 +114,37 @@ function gallery(cells, verdicts) {
     };
     card.addEventListener("click", focus);
     card.addEventListener("keydown", (e) => { if (e.key === "Enter") focus(); });
+    Object.assign(card, { focusCell: focus, markCell: (verdict) => recordVerdict(cell, verdict, card), whyCell: () => why(cell) });
     imageUrl(`${base}/cells/${cell.id}/image`).then((url) => { img.src = url; }, () => img.classList.add("missing"));
     return card;
   });
   const panel = document.getElementById("gallery");
   panel.replaceChildren(...(cards.length ? cards : [element("p", {}, "No cells marked for review.")]));
   panel.dataset.cells = cards.length;
+}
+
+// The keys a reviewer works the gallery with, without the mouse (not while typing).
+const KEYS = {
+  ArrowRight: (cards, i) => cards[Math.min(i + 1, cards.length - 1)].focusCell(),
+  j: (cards, i) => KEYS.ArrowRight(cards, i),
+  ArrowLeft: (cards, i) => cards[Math.max(i - 1, 0)].focusCell(),
+  k: (cards, i) => KEYS.ArrowLeft(cards, i),
+  t: (cards, i) => i >= 0 && cards[i].markCell("true_positive"),
+  f: (cards, i) => i >= 0 && cards[i].markCell("false_positive"),
+  w: (cards, i) => i >= 0 && cards[i].whyCell(),
+  h: () => viewer?.home(),
+};
+
+function listenForKeys() {
+  document.addEventListener("keydown", (event) => {
+    const action = KEYS[event.key];
+    if (!action || event.ctrlKey || event.metaKey || event.altKey) return;
+    if (event.target.closest("input, textarea, select")) return;
+    const cards = [...document.querySelectorAll(".cell-card")];
+    if (!cards.length) return;
+    event.preventDefault();
+    Promise.resolve(action(cards, cards.findIndex((c) => c.classList.contains("active")))).catch(showError);
+  });
 }
 
 async function recordVerdict(cell, verdict, card) {
@@ -196,6 +221,7 @@ async function start() {
   const verdicts = new Map();
   for (const r of [...history.cell_reviews].reverse()) verdicts.set(r.cell_id, r.verdict); // newest wins
   gallery(cells, verdicts);
+  listenForKeys();
   showDecision(history);
 
   form.addEventListener("submit", async (event) => {

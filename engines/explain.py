@@ -39,9 +39,7 @@ Importing this module imports no runtime; torch is imported on first use.
 
 from __future__ import annotations
 
-import functools
 import threading
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +48,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from engines.backends.pytorch import read_exported_program
 from engines.config import ModelConfig
 from engines.errors import BackendUnavailableError, ModelLoadError, ModelNotFoundError
-from engines.hashing import file_sha256
+from engines.hashing import cached_file_sha256
 from engines.preprocess import BACKGROUND_RGB, to_input
 from engines.repository import ModelRepository
 
@@ -164,18 +163,12 @@ class GradientProgram:
         self.config = config
         self.version = version
         self.path = path
-        self.sha256 = program_sha256(path)
+        self.sha256 = cached_file_sha256(path)
         self.input_name = config.inputs[0].name
         self.output_index = _class_output_index(config)
         self._torch = torch
         self._device = torch.device(device)
-        # A .pt2 is a zip archive; checking first spares the user torch's logged traceback.
-        if not zipfile.is_zipfile(path):
-            raise ModelLoadError(f"{path}: PyTorch cannot load the program (not a zip archive)")
-        try:
-            program = torch.export.load(str(path))
-        except Exception as exc:  # torch raises RuntimeError, zipfile and pickle errors
-            raise ModelLoadError(f"{path}: PyTorch cannot load the program ({exc})") from exc
+        program = read_exported_program(torch, path)
         if self._device.type != "cpu":
             program = torch.export.passes.move_to_device_pass(program, self._device)
         args_spec, kwargs_spec = program.call_spec.in_spec.children()
@@ -217,17 +210,6 @@ def _class_output_index(config: ModelConfig) -> int:
     raise ModelLoadError(
         f"model '{config.name}' has no output with one value per label ({n} labels)"
     )
-
-
-def program_sha256(path: Path) -> str:
-    """The sha256 of a program file, cached by path, size and modification time."""
-    stat = path.stat()
-    return _cached_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return file_sha256(Path(path))
 
 
 _load_lock = threading.Lock()

@@ -14,7 +14,6 @@ that has its artifact in the version folder and can run on the device.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import re
@@ -26,7 +25,7 @@ from engines.backends import BACKENDS
 from engines.backends.base import Backend, Device
 from engines.config import CONFIG_FILENAME, ModelConfig, load_config
 from engines.errors import BackendUnavailableError, ModelLoadError, ModelNotFoundError
-from engines.hashing import file_sha256
+from engines.hashing import cached_file_sha256
 from engines.metrics import METRICS, InferenceMetrics
 from engines.model import Model
 
@@ -219,14 +218,8 @@ def weights_sha256(version_dir: Path, config: ModelConfig) -> str:
     candidates += [BACKENDS[b].find_artifact(version_dir) for b in config.backend if b in BACKENDS]
     for path in candidates:
         if path is not None and path.is_file():
-            stat = path.stat()
-            return _cached_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+            return cached_file_sha256(path)
     raise ModelNotFoundError(f"{version_dir} holds no model artifact to identify its weights")
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return file_sha256(Path(path))
 
 
 def _read_card(version_dir: Path) -> dict[str, Any]:

@@ -9,7 +9,7 @@ Counted by the process that scanned (`worker.lifecycle` calls `scan_started`,
 
 - `papscan_slides_total{outcome="done"|"failed"}`: scans this process finished or failed;
 - `papscan_cells_total`: cell rows this process wrote;
-- `papscan_slide_seconds`: a scan's wall time, claim to end (histogram, up to 1 h);
+- `papscan_slide_seconds`: a scan's wall time, claim to end (histogram, to 2 h);
 - `papscan_stage_seconds{stage}`: a done scan's time per pipeline stage (histogram): the
   stages the pipeline times (`plan`, `read` (read and decode), `qc`, `detect`, `crop`,
   `classify_cells`, `classify_rois`, `write`) and `open` (opening the slide file);
@@ -66,7 +66,7 @@ logger = logging.getLogger(__name__)
 #: still work: a reaper queues it again). KEDA's `postgresql` trigger runs exactly this.
 OUTSTANDING_SCANS_SQL = "SELECT count(*) FROM scans WHERE status IN ('queued', 'running')"
 
-SLIDE_BUCKETS_S = (1, 5, 10, 30, 60, 120, 300, 600, 900, 1200, 1800, 2700, 3600)
+SLIDE_BUCKETS_S = (1, 5, 10, 30, 60, 120, 300, 600, 900, 1200, 1800, 2700, 3600, 5400, 7200)
 STAGE_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 SCRAPE_TIMEOUT_S = 3.0  # each of Redis and the database, well inside a 10 s scrape
 
@@ -247,17 +247,11 @@ class QueueCollector(Collector):
         return value
 
     def _queue_depths(self) -> dict[str, int]:
-        import redis
-
         from worker.queue.app import QUEUES
+        from worker.queue.broker import queue_depths
 
-        client = redis.Redis.from_url(
-            self._broker_url,
-            socket_connect_timeout=SCRAPE_TIMEOUT_S,
-            socket_timeout=SCRAPE_TIMEOUT_S,
-        )
-        with client:
-            return {name: int(client.llen(name)) for name in QUEUES}
+        depths = queue_depths(self._broker_url, timeout_s=SCRAPE_TIMEOUT_S)
+        return {name: depths[name] for name in QUEUES}
 
     def _scans(self) -> tuple[dict[str, int], int]:
         if self._db is None:

@@ -120,7 +120,7 @@ class PyTorchBackend:
             raise ModelLoadError(f"{artifact}: the exported PyTorch program does not exist")
         target = self._target_device(torch, device)
         compiled = self._compile_requested()
-        program = self._read_program(torch, artifact)
+        program = read_exported_program(torch, artifact)
         self._check_program(program, artifact)
         if target.type != "cpu":
             program = torch.export.passes.move_to_device_pass(program, target)
@@ -190,20 +190,6 @@ class PyTorchBackend:
         if device.kind == "cuda":
             raise BackendUnavailableError(f"torch sees no CUDA device {device.index} here")
         return torch.device("cpu")
-
-    @staticmethod
-    def _read_program(torch: Any, artifact: Path) -> Any:
-        # A .pt2 is a zip archive; checking first spares the user torch's logged traceback.
-        if not zipfile.is_zipfile(artifact):
-            raise ModelLoadError(
-                f"{artifact}: PyTorch cannot load the exported program (not a zip archive)"
-            )
-        try:
-            return torch.export.load(str(artifact))
-        except Exception as exc:  # torch raises RuntimeError, zipfile and pickle errors
-            raise ModelLoadError(
-                f"{artifact}: PyTorch cannot load the exported program ({first_line(exc)})"
-            ) from exc
 
     def _check_program(self, program: Any, artifact: Path) -> None:
         """Raises ModelLoadError where the program's signature disagrees with the config."""
@@ -346,3 +332,22 @@ def _symbol_range(program: Any, dim: Any) -> tuple[int | float, int | float] | N
     lower = int(bounds.lower) if bounds.lower.is_finite else 0
     upper = int(bounds.upper) if bounds.upper.is_finite else float("inf")
     return lower, upper
+
+
+def read_exported_program(torch: Any, artifact: Path) -> Any:
+    """`torch.export.load` of a `.pt2`, its failures as one ModelLoadError sentence.
+
+    Raises:
+        ModelLoadError: the file is not an exported program PyTorch can load.
+    """
+    # A .pt2 is a zip archive; checking first spares the user torch's logged traceback.
+    if not zipfile.is_zipfile(artifact):
+        raise ModelLoadError(
+            f"{artifact}: PyTorch cannot load the exported program (not a zip archive)"
+        )
+    try:
+        return torch.export.load(str(artifact))
+    except Exception as exc:  # torch raises RuntimeError, zipfile and pickle errors
+        raise ModelLoadError(
+            f"{artifact}: PyTorch cannot load the exported program ({first_line(exc)})"
+        ) from exc

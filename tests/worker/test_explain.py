@@ -204,15 +204,19 @@ def test_the_disk_cache_outlives_the_process_and_a_busy_service_says_so(served: 
 def test_the_same_ids_in_another_database_miss_the_cache(served: Served) -> None:
     import dataclasses
 
-    from worker.api.cells import SlideGone
     from worker.api.explain import _site
+    from worker.api.slide_files import OpenSlides, SlideGone
+    from worker.db.models import Slide
 
     cell = served.cells(review_rank_max=1)[0]
     assert served.why(cell["id"]).json()["cached"] is True
     site = _site(_Request(served), served.scan_id, cell["id"])
-    elsewhere = dataclasses.replace(site, fingerprint="another slide's")
+    row = site.slide
+    other = Slide(id=row.id, path=row.path, fingerprint="another slide's", mpp_x=row.mpp_x,
+                  mpp_y=row.mpp_y, width=row.width, height=row.height)  # fmt: skip
+    elsewhere = dataclasses.replace(site, slide=other)
     with pytest.raises(SlideGone, match="another slide"):  # not served from the cache
-        served.service.explain(elsewhere, cell["label"], "blur", 32)
+        served.service.explain(elsewhere, cell["label"], "blur", 32, OpenSlides())
 
 
 def test_a_changed_model_file_misses_the_cache(served: Served) -> None:
@@ -241,6 +245,7 @@ def test_the_map_falls_on_the_cell_not_the_glass(served: Served) -> None:
     map's mass lies inside the cell's box, well above the box's share of the crop."""
     from engines.explain import heat_map, integrated_gradients
     from worker.api.explain import _site, cut_scanned_crop
+    from worker.api.slide_files import OpenSlides
 
     service = served.service
     repository = service.repository()
@@ -255,7 +260,7 @@ def test_the_map_falls_on_the_cell_not_the_glass(served: Served) -> None:
             continue
         t = truth[0]
         site = _site(_Request(served), served.scan_id, cell["id"])
-        crop = cut_scanned_crop(site, detector.mpp, detector.input_size[0], prep)
+        crop = cut_scanned_crop(site, OpenSlides(), detector.mpp, detector.input_size[0], prep)
         heat = heat_map(integrated_gradients(program, crop, cell["label"]).values, sigma_px=0)
         # The crop is 96 px at 0.5 µm/px, the slide too: crop px = level-0 px.
         x0, y0 = round(cx) - 48, round(cy) - 48

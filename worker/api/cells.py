@@ -11,7 +11,7 @@ from worker.api.slide_files import OpenSlides, SlideGone
 from worker.db import queries
 from worker.db.models import Cell, Slide
 
-__all__ = ["MAX_REGION_PX", "CellFilter", "SlideGone", "cell_png", "cells_statement", "region"]
+__all__ = ["MAX_REGION_PX", "CellFilter", "cell_png", "cells_statement", "region"]
 
 #: A region may be at most this many level-0 px a side.
 MAX_REGION_PX = 100_000

@@ -39,10 +39,10 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 
-from worker.api import cells as cell_queries
 from worker.api.routes import NOT_FOUND, CellId, ScanId, _cell, _db
 from worker.api.schemas import Error
-from worker.db.models import Roi
+from worker.api.slide_files import OpenSlides, SlideGone
+from worker.db.models import Roi, Slide
 
 __all__ = ["Busy", "CellSite", "WhyCache", "WhyService", "cut_scanned_crop", "router"]
 
@@ -69,10 +69,7 @@ class CellSite:
 
     scan_id: int
     cell_id: int
-    slide_path: str
-    fingerprint: str
-    mpp_x: float
-    mpp_y: float
+    slide: Slide  # the scanned slide's row (detached), to open its file by
     roi: tuple[int, int, int, int]
     roi_index: int
     box: tuple[int, int, int, int]
@@ -87,7 +84,7 @@ class CellSite:
         """A digest of the slide's fingerprint and the ROI's and cell's boxes: ids alone are
         not enough, since another database (a test's, a reset one, PostgreSQL after SQLite)
         numbers other cells the same."""
-        where = f"{self.fingerprint}|{self.roi}|{self.box}"
+        where = f"{self.slide.fingerprint}|{self.roi}|{self.box}"
         return hashlib.sha256(where.encode()).hexdigest()[:16]
 
 
@@ -107,15 +104,19 @@ class WhyResult:
 # --- the crop ------------------------------------------------------------------------------
 
 
-def cut_scanned_crop(site: CellSite, detector_mpp: float, roi_px: int, prep: Any) -> np.ndarray:
+def cut_scanned_crop(
+    site: CellSite, slides: OpenSlides, detector_mpp: float, roi_px: int, prep: Any
+) -> np.ndarray:
     """The cell's crop as the scanner cut it: `H×W×3` uint8 at the classifier's mpp.
 
     The cell's ROI is read as the scan read it (`OpenSlideReader`, the level and resampling
-    `plan_rois` chose for the detector's mpp), and the classifier's field is cut from it
-    around the cell's centre with `engines.preprocess.cut_crops`.
+    `plan_rois` chose for the detector's mpp), from the scanned file as `slides` keeps it
+    open (only while it is still the scanned slide), and the classifier's field is cut
+    from it around the cell's centre with `engines.preprocess.cut_crops`.
 
     Args:
         site: the cell.
+        slides: the API's open scanned slides.
         detector_mpp: the detector's mpp (the ROIs' target mpp).
         roi_px: the detector's input side (the ROIs' side at that mpp).
         prep: the cell classifier's `Preprocessing`.
@@ -124,29 +125,18 @@ def cut_scanned_crop(site: CellSite, detector_mpp: float, roi_px: int, prep: Any
         SlideGone: the file is gone, changed, or cannot be read.
     """
     from engines.preprocess import cut_crops
-    from worker.errors import SlideOpenError, SlideReadError
+    from worker.errors import SlideReadError
     from worker.pipeline.plan import Roi as PlannedRoi
     from worker.wsi.read import OpenSlideReader
-    from worker.wsi.slide import open_slide
 
-    path = Path(site.slide_path)
-    if not path.is_file():
-        raise cell_queries.SlideGone(
-            "the slide file of this scan is no longer where it was scanned."
-        )
     x, y, w, h = site.roi
     roi = PlannedRoi(site.roi_index, 0, 0, x, y, w, h, x, y, w, h)
+    reader = OpenSlideReader(slides.get(site.slide).slide, detector_mpp, roi_px)
     try:
-        with open_slide(path, mpp=(site.mpp_x + site.mpp_y) / 2) as opened:
-            if opened.info.fingerprint != site.fingerprint:
-                raise cell_queries.SlideGone(
-                    "the file where this scan's slide was is another slide now."
-                )
-            reader = OpenSlideReader(opened, detector_mpp, roi_px)
-            image = reader.read(roi)
-            field_px = round(prep.input_size[0] * prep.mpp / reader.mpp)
-    except (SlideOpenError, SlideReadError, OSError):
-        raise cell_queries.SlideGone("the slide file of this scan cannot be read.") from None
+        image = reader.read(roi)
+    except (SlideReadError, OSError):
+        raise SlideGone("the slide file of this scan cannot be read.") from None
+    field_px = round(prep.input_size[0] * prep.mpp / reader.mpp)
     l0_per_px = w / image.shape[1]
     cx, cy, cw, ch = site.box
     centre = np.array([[(cx + cw / 2 - x) / l0_per_px, (cy + ch / 2 - y) / l0_per_px]])
@@ -339,18 +329,22 @@ class WhyService:
         """The cell classifier's labels (for checking a requested target)."""
         return tuple(self.repository().config(CELL_MODEL).labels)
 
-    def explain(self, site: CellSite, target: str, baseline: str, steps: int) -> WhyResult:
-        """The explanation of `site`'s cell for class `target`, from the cache or computed.
+    def explain(
+        self, site: CellSite, target: str, baseline: str, steps: int, slides: OpenSlides
+    ) -> WhyResult:
+        """The explanation of `site`'s cell for class `target`, from the cache or computed
+        (cutting the crop from `slides`).
 
         Raises:
             SlideGone: the crop cannot be cut again (cache misses only).
             ModelNotFoundError, ModelLoadError, BackendUnavailableError: no usable program.
         """
-        from engines.explain import PROGRAM_NAME, program_sha256
+        from engines.explain import PROGRAM_NAME
+        from engines.hashing import cached_file_sha256
 
         repository = self.repository()
         version = self._version(repository, site.model_version)
-        sha = program_sha256(repository.path / CELL_MODEL / str(version) / PROGRAM_NAME)
+        sha = cached_file_sha256(repository.path / CELL_MODEL / str(version) / PROGRAM_NAME)
         key = (ALGORITHM, sha, site.place, site.scan_id, site.cell_id, target, baseline, steps)
         found = self.cache.get(key)
         if found is None:
@@ -358,14 +352,21 @@ class WhyService:
                 found = self.cache.get(key)
                 if found is None:
                     numbers, png = self._compute_one(repository, version, site, target,
-                                                     baseline, steps)  # fmt: skip
+                                                     baseline, steps, slides)  # fmt: skip
                     self.cache.put(key, numbers, png)
                     return WhyResult(self._with_site(numbers, site, repository), png, False)
         numbers, png = found
         return WhyResult(self._with_site(numbers, site, repository), png, True)
 
     def _compute_one(
-        self, repository: Any, version: int, site: CellSite, target: str, baseline: str, steps: int
+        self,
+        repository: Any,
+        version: int,
+        site: CellSite,
+        target: str,
+        baseline: str,
+        steps: int,
+        slides: OpenSlides,
     ) -> tuple[dict[str, Any], bytes]:
         from engines.explain import heat_map, integrated_gradients
 
@@ -373,7 +374,7 @@ class WhyService:
         program = self._program(repository, version)
         prep = program.config.preprocessing
         start = time.perf_counter()
-        crop = cut_scanned_crop(site, detector.mpp, detector.input_size[0], prep)
+        crop = cut_scanned_crop(site, slides, detector.mpp, detector.input_size[0], prep)
         if not self._admitted.acquire(blocking=False):
             raise Busy()
         try:
@@ -442,9 +443,10 @@ class WhyService:
         return served[-1]
 
     def _program(self, repository: Any, version: int) -> Any:
-        from engines.explain import PROGRAM_NAME, load_gradient_program, program_sha256
+        from engines.explain import PROGRAM_NAME, load_gradient_program
+        from engines.hashing import cached_file_sha256
 
-        sha = program_sha256(repository.path / CELL_MODEL / str(version) / PROGRAM_NAME)
+        sha = cached_file_sha256(repository.path / CELL_MODEL / str(version) / PROGRAM_NAME)
         with self._programs_lock:
             program = self._programs.get(sha)
             if program is None:
@@ -481,16 +483,14 @@ def _service(request: Request) -> WhyService:
 def _site(request: Request, scan_id: int, cell_id: int) -> CellSite:
     with _db(request).session() as s:
         scan, cell, slide = _cell(s, scan_id, cell_id)
+        s.expunge(slide)
         roi = s.get(Roi, cell.roi_id)
         versions = scan.model_versions or {}
         hashes = scan.model_sha256 or {}
         return CellSite(
             scan_id=scan_id,
             cell_id=cell_id,
-            slide_path=slide.path,
-            fingerprint=slide.fingerprint,
-            mpp_x=slide.mpp_x,
-            mpp_y=slide.mpp_y,
+            slide=slide,
             roi=(roi.x, roi.y, roi.w, roi.h),
             roi_index=roi.index,
             box=(cell.x, cell.y, cell.w, cell.h),
@@ -513,8 +513,9 @@ def _why(
         labels = service.labels()
         if target is not None and target not in labels:
             raise HTTPException(422, f"target must be one of {', '.join(labels)}.")
-        return service.explain(site, target or site.label, baseline, steps)
-    except cell_queries.SlideGone as exc:
+        slides = request.app.state.open_slides
+        return service.explain(site, target or site.label, baseline, steps, slides)
+    except SlideGone as exc:
         raise HTTPException(410, str(exc)[:1].upper() + str(exc)[1:]) from None
     except Busy:
         raise HTTPException(

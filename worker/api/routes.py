@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from worker.api import cells as cell_queries
 from worker.api.schemas import CellPage, CellRow, Error, ScanRow, WorklistRow
+from worker.api.slide_files import SlideGone
 from worker.db.models import SCAN_STATUSES, Cell, Scan, Slide
 from worker.db.report import FIELD_UM
 from worker.db.session import Database
@@ -196,7 +197,7 @@ def cell_image(
         _, cell, slide = _cell(s, scan_id, cell_id)
     try:
         png = cell_queries.cell_png(slide, cell, FIELD_UM, request.app.state.open_slides)
-    except cell_queries.SlideGone as exc:
+    except SlideGone as exc:
         raise HTTPException(410, str(exc)[:1].upper() + str(exc)[1:]) from None
     return Response(png, media_type="image/png")
 

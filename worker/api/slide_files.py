@@ -60,7 +60,7 @@ class OpenSlides:
 
     def __init__(self, size: int = 8) -> None:
         self._size = size
-        self._open: OrderedDict[int, ScannedSlide] = OrderedDict()
+        self._open: OrderedDict[tuple[int, str, str], ScannedSlide] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, row: SlideRow) -> ScannedSlide:
@@ -70,15 +70,16 @@ class OpenSlides:
             SlideGone: the file is gone, is another slide now, or cannot be read.
         """
         stamp = _stamp(Path(row.path))
+        key = (row.id, row.path, row.fingerprint)
         with self._lock:
-            cached = self._open.get(row.id)
+            cached = self._open.get(key)
             if cached is not None and cached.stamp == stamp:
-                self._open.move_to_end(row.id)
+                self._open.move_to_end(key)
                 return cached
         opened = ScannedSlide(_open_scanned(row), stamp)
         with self._lock:
-            stale = self._open.pop(row.id, None)
-            self._open[row.id] = opened
+            stale = self._open.pop(key, None)
+            self._open[key] = opened
             evicted = [stale] if stale is not None else []
             while len(self._open) > self._size:
                 evicted.append(self._open.popitem(last=False)[1])

@@ -26,14 +26,14 @@ def safe_broker_url(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
-def _client(url: str):
+def _client(url: str, timeout_s: float = _TIMEOUT_S):
     import redis
 
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise SettingsError(
             f"PAPSCAN_BROKER_URL must be a redis:// URL, not {safe_broker_url(url)!r}."
         )
-    return redis.Redis.from_url(url, socket_connect_timeout=_TIMEOUT_S, socket_timeout=_TIMEOUT_S)
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
 
 
 def check_broker(url: str) -> None:
@@ -54,7 +54,7 @@ def check_broker(url: str) -> None:
         ) from exc
 
 
-def queue_depths(url: str) -> dict[str, int]:
+def queue_depths(url: str, timeout_s: float = _TIMEOUT_S) -> dict[str, int]:
     """Jobs waiting per priority queue, and `in_flight`: taken by a worker, not yet done.
 
     Raises:
@@ -63,7 +63,7 @@ def queue_depths(url: str) -> dict[str, int]:
     import redis
 
     try:
-        with _client(url) as client:
+        with _client(url, timeout_s) as client:
             depths = {name: int(client.llen(name)) for name in QUEUES}
             depths["in_flight"] = int(client.hlen(_UNACKED_KEY))
     except redis.RedisError as exc:
